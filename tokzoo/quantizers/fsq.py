@@ -1,0 +1,101 @@
+"""Finite scalar quantization (Mentzer et al.): bound each channel to L levels and round.
+
+Per channel with L levels: half = (L - 1)(1 + eps) / 2, offset = 0.5 if L is even else 0,
+shift = atanh(offset / half), z_hat = round_ste(tanh(z + shift) * half - offset) / (L // 2).
+So L = 5 gives {-1, -0.5, 0, 0.5, 1} and L = 8 gives {-1, -0.75, ..., 0.75}.
+
+`levels` describes one sub-codebook; `num_codebooks` repeats it over contiguous channel groups, so
+dim = len(levels) * num_codebooks. Index of a group = sum_i digit_i * prod_{j<i} L_j with digit_i in [0, L_i),
+computed in int64 (float32 is exact only up to 2^24). No auxiliary loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from tokzoo.errors import ConfigError
+from tokzoo.quantizers.base import (
+    QUANTIZERS,
+    Quantizer,
+    QuantizerOutput,
+    UsageTracker,
+    all_reduce_sum,
+    check_positive,
+    code_counts,
+    round_ste,
+)
+
+EPS = 1e-3
+
+
+@QUANTIZERS.register("fsq")
+class FiniteScalarQuantizer(Quantizer):
+    name = "fsq"
+
+    def __init__(
+        self,
+        levels: list[int] | tuple[int, ...] = (8, 8, 8, 5, 5, 5),
+        num_codebooks: int = 1,
+        dim: int | None = None,
+        stats_window: int = 100,
+    ):
+        super().__init__()
+        levels = list(levels)
+        check_positive(num_codebooks=num_codebooks)
+        if not levels or any(not isinstance(v, int) or isinstance(v, bool) or v < 2 for v in levels):
+            raise ConfigError(f"fsq: levels={levels} must be a non-empty list of integers >= 2, e.g. [8, 5, 5, 5]")
+        expected = len(levels) * num_codebooks
+        if dim is not None and dim != expected:
+            raise ConfigError(
+                f"fsq: dim={dim} does not fit levels={levels} x num_codebooks={num_codebooks} "
+                f"(needs dim = len(levels) * num_codebooks = {expected}); change dim or the level list"
+            )
+        self.levels, self.num_codebooks, self.dim = levels, num_codebooks, expected
+        vocab = math.prod(levels)
+        self.codebook_sizes = [vocab] * num_codebooks
+        lv = torch.tensor(levels, dtype=torch.float64)
+        half = (lv - 1) * (1 + EPS) / 2
+        offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+        self.register_buffer("half_range", half.float(), persistent=False)
+        self.register_buffer("offset", offset.float(), persistent=False)
+        self.register_buffer("shift", torch.atanh(offset / half).float(), persistent=False)
+        self.register_buffer("half_width", (lv // 2).float(), persistent=False)
+        self.register_buffer("levels_int", torch.tensor(levels, dtype=torch.long), persistent=False)
+        basis = torch.cumprod(torch.tensor([1] + levels[:-1], dtype=torch.long), 0)
+        self.register_buffer("basis", basis, persistent=False)
+        self.tracker = UsageTracker(num_codebooks, vocab, stats_window)
+
+    def bound(self, x: Tensor) -> Tensor:
+        return torch.tanh(x + self.shift) * self.half_range - self.offset
+
+    def quantize(self, z: Tensor) -> QuantizerOutput:
+        # z: (B, N, dim) fp32 -> x: (B*N, G, len(levels))
+        b = z.shape[0]
+        x = rearrange(z, "b t (g l) -> (b t) g l", g=self.num_codebooks)
+        z_hat = round_ste(self.bound(x)) / self.half_width
+        indices = self.codes_to_indices(z_hat)
+        if self.training:
+            with torch.no_grad():
+                counts = code_counts(indices, self.num_codebooks, self.codebook_sizes[0]).float()
+                self.tracker.update(all_reduce_sum(counts))
+        return QuantizerOutput(
+            z_q=rearrange(z_hat, "(b t) g l -> b t (g l)", b=b),
+            indices=rearrange(indices, "(b t) g -> b t g", b=b),
+            loss=z.new_zeros(()),
+            stats=self.tracker.stats(),
+        )
+
+    def codes_to_indices(self, z_hat: Tensor) -> Tensor:
+        """(..., len(levels)) grid values -> (...) int64 indices, in integer arithmetic."""
+        digits = torch.round(z_hat * self.half_width).long() + self.levels_int // 2
+        return (digits * self.basis).sum(-1)
+
+    def decode(self, indices: Tensor) -> Tensor:
+        # indices: (B, N, G) -> (B, N, dim)
+        digits = (indices.unsqueeze(-1) // self.basis) % self.levels_int
+        z_hat = (digits - self.levels_int // 2).float() / self.half_width
+        return rearrange(z_hat, "b t g l -> b t (g l)")

@@ -1,0 +1,403 @@
+"""The data layer: the embedded shapes set, the file readers, corrupt-sample handling, the DataModule."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokzoo.data import build_dataset, collate_samples, list_datasets
+from tokzoo.data import shapes as shapes_mod
+from tokzoo.data import webdataset as wds_mod
+from tokzoo.errors import ConfigError, DataError
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # never touch the user's ~/.cache/tokzoo from tests
+    monkeypatch.setenv("TOKZOO_CACHE", str(tmp_path / "cache"))
+
+
+def _shapes(tmp_path: Path, split: str = "train", **kw):
+    kw = {"num_train": 48, "num_val": 24, "seed": 0, "cache_dir": str(tmp_path / "c"), **kw}
+    return build_dataset("shapes", split=split, image_size=kw.pop("image_size", 32), **kw)
+
+
+def _png_bytes(color: tuple[int, int, int], size=(20, 14), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- registry and collate
+
+
+def test_all_datasets_registered():
+    assert set(list_datasets()) >= {"shapes", "imagefolder", "captions", "webdataset", "cifar10", "cifar100"}
+
+
+def test_collate_drops_none_and_counts_them():
+    item = {"image": torch.zeros(3, 8, 8), "caption": "x", "label": 3}
+    batch = collate_samples([item, None, item, None])
+    assert batch["image"].shape == (2, 3, 8, 8)
+    assert batch["caption"] == ["x", "x"]
+    assert batch["label"].dtype == torch.long and batch["label"].tolist() == [3, 3]
+    assert batch["skipped"] == 2
+    empty = collate_samples([None])
+    assert empty["image"].shape[0] == 0 and empty["skipped"] == 1
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def test_shapes_generator_is_deterministic_in_seed():
+    a_img, a_cap, a_lab = shapes_mod.generate_shapes(40, 32, seed=7)
+    b_img, b_cap, b_lab = shapes_mod.generate_shapes(40, 32, seed=7)
+    c_img, c_cap, _ = shapes_mod.generate_shapes(40, 32, seed=8)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and np.array_equal(a_lab, b_lab)
+    assert not np.array_equal(a_img, c_img) and a_cap != c_cap
+
+
+def test_shapes_items_range_shape_and_captions(tmp_path):
+    ds = _shapes(tmp_path)
+    assert len(ds) == 48 and len(ds.class_names) >= 8
+    assert all(t.count("{}") == 1 for t in ds.prompt_templates)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    assert images.shape == (48, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    assert images.min() < -0.8 and images.max() > 0.8  # uses the range, not a squashed slice of it
+    assert images.std(dim=(2, 3)).mean() > 0.05  # images are not flat colour fields
+    for i in range(len(ds)):
+        item = ds[i]
+        assert isinstance(item["label"], int) and 0 <= item["label"] < len(ds.class_names)
+        assert ds.class_names[item["label"]] in item["caption"].split()
+        assert "background" in item["caption"]
+    assert len(set(ds.captions)) > 40  # captions vary (colour, size, position, background)
+    assert len({ds[i]["label"] for i in range(len(ds))}) >= 6
+
+
+def test_shapes_64px_and_splits_differ(tmp_path):
+    train = _shapes(tmp_path, "train", image_size=64)
+    val = _shapes(tmp_path, "val", image_size=64)
+    assert train[0]["image"].shape == (3, 64, 64) and len(val) == 24
+    assert not torch.equal(train.images[:24], val.images)
+
+
+def test_shapes_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="image_size"):
+        _shapes(tmp_path, image_size=48)
+    with pytest.raises(ConfigError, match="colour_space"):
+        _shapes(tmp_path, colour_space="hsv")  # unknown kwarg, rejected by the registry
+    with pytest.raises(ConfigError, match="split"):
+        _shapes(tmp_path, split="test")
+    with pytest.raises(ConfigError, match="num_train"):
+        _shapes(tmp_path, num_train=0)
+
+
+def test_shapes_cache_is_written_once_and_reused(tmp_path, monkeypatch):
+    first = _shapes(tmp_path)
+    files = list((tmp_path / "c" / "shapes").iterdir())
+    assert [f.suffix for f in files] == [".npz"]  # no tmp files left behind
+    assert "v1" in files[0].name and "n48" in files[0].name and "px32" in files[0].name
+    mtime = files[0].stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("regenerated although the cache exists")
+
+    monkeypatch.setattr(shapes_mod, "generate_shapes", fail)
+    second = _shapes(tmp_path)
+    assert torch.equal(first.images, second.images) and first.captions == second.captions
+    assert files[0].stat().st_mtime_ns == mtime
+    with pytest.raises(AssertionError, match="regenerated"):
+        _shapes(tmp_path, seed=1)  # different parameters -> different file -> generation
+
+
+def test_shapes_corrupt_cache_is_regenerated(tmp_path, caplog):
+    first = _shapes(tmp_path)
+    (path,) = (tmp_path / "c" / "shapes").iterdir()
+    path.write_bytes(b"not a zip")
+    with caplog.at_level(logging.WARNING, logger="tokzoo.data"):
+        again = _shapes(tmp_path)
+    assert "unreadable" in caplog.text
+    assert torch.equal(first.images, again.images)
+
+
+# ---------------------------------------------------------------- imagefolder and captions
+
+
+def _make_folder(root: Path) -> None:
+    colors = {"cat": (200, 30, 30), "golden_retriever": (30, 200, 30)}
+    for name, color in colors.items():
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            (root / name / f"{i}.png").write_bytes(_png_bytes(color))
+        (root / name / "3.jpg").write_bytes(_png_bytes(color, fmt="JPEG"))
+
+
+def test_imagefolder_presplit_skips_corrupt_file(tmp_path, caplog):
+    _make_folder(tmp_path / "data" / "train")
+    _make_folder(tmp_path / "data" / "val")
+    bad = tmp_path / "data" / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(np.random.default_rng(0).bytes(300))
+    ds = build_dataset("imagefolder", root=str(tmp_path / "data"), split="train", image_size=16)
+    assert ds.class_names == ["cat", "golden retriever"] and len(ds) == 9
+    with caplog.at_level(logging.WARNING, logger="tokzoo.data"):
+        batch = collate_samples([ds[i] for i in range(len(ds))])
+    assert batch["skipped"] == 1 and batch["image"].shape == (8, 3, 16, 16)
+    assert str(bad) in caplog.text
+    assert sorted(set(batch["label"].tolist())) == [0, 1]
+    # a red image under "cat" is labelled 0 and captioned with the class name
+    cat = batch["label"] == 0
+    assert (batch["image"][cat][:, 0] > 0.5).all()
+    assert all("cat" in c for c, is_cat in zip(batch["caption"], cat.tolist(), strict=True) if is_cat)
+    val = build_dataset("imagefolder", root=str(tmp_path / "data"), split="val", image_size=16)
+    assert len(val) == 8 and val.class_names == ds.class_names
+
+
+def test_imagefolder_deterministic_split(tmp_path):
+    _make_folder(tmp_path / "flat")
+    kw = {"root": str(tmp_path / "flat"), "image_size": 8, "val_fraction": 0.25}
+    train = build_dataset("imagefolder", split="train", **kw)
+    val = build_dataset("imagefolder", split="val", **kw)
+    assert len(val) == 2 and len(train) == 6
+    assert not set(train.paths) & set(val.paths)
+    assert build_dataset("imagefolder", split="val", **kw).paths == val.paths
+
+
+def test_captions_csv_and_jsonl(tmp_path):
+    d = tmp_path / "pairs"
+    (d / "img").mkdir(parents=True)
+    for i in range(6):
+        (d / "img" / f"{i}.png").write_bytes(_png_bytes((40 * i, 10, 10), size=(24, 40)))
+    (d / "img" / "bad.png").write_bytes(b"\x89PNG garbage")
+    lines = ["image,caption,label"] + [
+        f"img/{i}.png,picture number {i},{'dog' if i % 2 else 'cat'}" for i in range(6)
+    ]
+    (d / "train.csv").write_text("\n".join(lines + ["img/bad.png,broken,cat"]) + "\n")
+    (d / "val.jsonl").write_text(
+        "\n".join(
+            json.dumps({"image": f"img/{i}.png", "caption": f"val {i}", "label": "dog"}) for i in range(2)
+        )
+    )
+    train = build_dataset("captions", path=str(d / "train.csv"), val_path=str(d / "val.jsonl"), image_size=16)
+    val = build_dataset("captions", path=str(d / "train.csv"), val_path=str(d / "val.jsonl"), split="val")
+    assert train.class_names == ["cat", "dog"] == val.class_names
+    assert len(train) == 7 and len(val) == 2
+    assert train[3]["caption"] == "picture number 3" and train[3]["label"] == 1
+    assert train[3]["image"].shape == (3, 16, 16)
+    assert train[6] is None  # the corrupt file
+    assert val[0]["caption"] == "val 0" and val[0]["label"] == 1
+
+    # no label column: labels -1, no class names; val carved out of the file deterministically
+    (d / "nolabel.jsonl").write_text(
+        "\n".join(json.dumps({"image": f"img/{i}.png", "caption": f"c{i}"}) for i in range(6))
+    )
+    tr = build_dataset("captions", path=str(d / "nolabel.jsonl"), split="train", val_fraction=0.5)
+    va = build_dataset("captions", path=str(d / "nolabel.jsonl"), split="val", val_fraction=0.5)
+    assert tr.class_names is None and {tr[i]["label"] for i in range(len(tr))} == {-1}
+    assert sorted(tr.captions + va.captions) == [f"c{i}" for i in range(6)]
+
+
+# ---------------------------------------------------------------- webdataset
+
+
+def _write_shard(path: Path, shard: int, n: int, corrupt: int | None = None) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            key = f"s{shard}_{i:04d}"
+            jpg = b"\xff\xd8 not a jpeg" if i == corrupt else _png_bytes((10 * i, 50, 90), fmt="JPEG")
+            for ext, data in (("jpg", jpg), ("txt", f"caption {key}".encode()), ("cls", str(i % 3).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def shards(tmp_path) -> Path:
+    d = tmp_path / "shards"
+    d.mkdir()
+    for s in range(4):
+        _write_shard(d / f"train-{s:02d}.tar", s, 5)
+    _write_shard(d / "val-00.tar", 9, 4)
+    return d
+
+
+def _captions(dataset, **loader_kw) -> list[str]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_samples, **loader_kw)
+    return [c for batch in loader for c in batch["caption"]]
+
+
+def test_webdataset_reads_brace_pattern_and_val(shards):
+    ds = build_dataset(
+        "webdataset",
+        urls=str(shards / "train-{00..03}.tar"),
+        val_urls=str(shards / "val-00.tar"),
+        image_size=16,
+    )
+    items = [it for it in ds if it is not None]
+    assert len(items) == 20 and items[0]["image"].shape == (3, 16, 16)
+    assert {it["label"] for it in items} == {0, 1, 2}
+    assert all(it["caption"].startswith("caption s") for it in items)
+    val = build_dataset(
+        "webdataset", urls=str(shards / "train-00.tar"), val_urls=str(shards / "val-00.tar"), split="val"
+    )
+    assert sorted(it["caption"] for it in val) == [
+        f"caption s9_{i:04d}" for i in range(4)
+    ]  # one pass, in order
+    # without val_urls the last shard is held out
+    held = build_dataset("webdataset", urls=str(shards / "train-{00..03}.tar"), split="val")
+    assert held.shards == [str(shards / "train-03.tar")]
+
+
+def test_webdataset_truncated_shard_and_corrupt_sample(shards, caplog):
+    _write_shard(shards / "bad-00.tar", 7, 6, corrupt=1)
+    raw = (shards / "bad-00.tar").read_bytes()
+    (shards / "bad-00.tar").write_bytes(raw[: len(raw) // 2])  # truncated mid-shard
+    urls = [str(shards / "bad-00.tar"), str(shards / "train-00.tar")]
+    ds = build_dataset("webdataset", urls=urls, val_urls=str(shards / "val-00.tar"), shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="tokzoo.data"):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_samples)
+        batches = list(loader)
+    caps = [c for b in batches for c in b["caption"]]
+    assert sum(b["skipped"] for b in batches) == 1  # the corrupt jpg, counted, not fatal
+    assert "truncated" in caplog.text and "bad-00.tar" in caplog.text
+    assert {f"caption s0_{i:04d}" for i in range(5)} <= set(caps)  # the next shard is read in full
+    assert 0 < sum(c.startswith("caption s7") for c in caps) < 5  # part of the truncated shard survives
+
+
+def test_webdataset_splits_by_worker_and_rank(shards, monkeypatch):
+    kw = {"urls": str(shards / "train-{00..03}.tar"), "val_urls": str(shards / "val-00.tar"), "image_size": 8}
+    everything = sorted(_captions(build_dataset("webdataset", **kw)))
+    assert len(everything) == 20
+    # two DataLoader workers: each sample exactly once
+    assert sorted(_captions(build_dataset("webdataset", **kw), num_workers=2)) == everything
+    # two ranks (decided when iteration starts, not at construction): disjoint halves of everything
+    ds = build_dataset("webdataset", **kw)
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setattr(wds_mod, "rank_world", lambda *_, r=rank: (r, 2))
+        ds.set_epoch(0)  # each rank's own copy would be at the same epoch
+        per_rank.append(_captions(ds))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == everything
+    # fewer shards than ranks x workers: sample-level split, still exact
+    one = build_dataset("webdataset", urls=[str(shards / "train-00.tar")], val_urls=kw["val_urls"])
+    split = []
+    for rank in range(2):
+        monkeypatch.setattr(wds_mod, "rank_world", lambda *_, r=rank: (r, 2))
+        split.append(_captions(one))
+    assert sorted(split[0] + split[1]) == [f"caption s0_{i:04d}" for i in range(5)] and len(split[0]) == 3
+
+
+def test_webdataset_spawned_worker_keeps_the_parent_rank(shards, monkeypatch):
+    # spawn/forkserver DataLoader workers do not inherit the process group: the pickled copy carries the rank
+    kw = {"urls": str(shards / "train-{00..03}.tar"), "val_urls": str(shards / "val-00.tar"), "image_size": 8}
+    ds = build_dataset("webdataset", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(wds_mod, "rank_world", lambda *_: (1, 2))
+        in_worker = pickle.loads(pickle.dumps(ds))
+    alone = _captions(build_dataset("webdataset", **kw))
+    got = _captions(in_worker)
+    assert len(got) == 10 and set(got) < set(alone)
+
+
+def test_webdataset_samples_per_epoch_gives_equal_counts(shards, monkeypatch):
+    ds = build_dataset(
+        "webdataset",
+        urls=[str(shards / "train-00.tar")],
+        val_urls=str(shards / "val-00.tar"),
+        samples_per_epoch=14,
+    )
+    counts = []
+    for rank in range(2):
+        monkeypatch.setattr(wds_mod, "rank_world", lambda *_, r=rank: (r, 2))
+        counts.append(len(_captions(ds)))
+        assert len(ds) == 7
+    assert counts == [7, 7]  # rank 1 has only 2 samples per pass and cycles; rank 0 has 3
+
+
+def test_webdataset_missing_shards(tmp_path, shards):
+    with pytest.raises(DataError, match="nope-0.tar"):
+        build_dataset("webdataset", urls=str(tmp_path / "nope-{0..1}.tar"))
+    with pytest.raises(DataError, match="val_urls"):
+        build_dataset("webdataset", urls=str(shards / "train-00.tar"))
+
+
+def test_cifar_arrays_are_resized_and_captioned():
+    from tokzoo.data.torchvision_sets import ArrayImageDataset
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    ds = ArrayImageDataset(images, [0, 1, 1, 0], 16, ["airplane", "automobile"], ["a photo of a {}."])
+    item = ds[1]
+    assert (
+        item["image"].shape == (3, 16, 16)
+        and item["caption"] == "a photo of a automobile."
+        and item["label"] == 1
+    )
+    same = ArrayImageDataset(images, [0, 1, 1, 0], 32, ["airplane", "automobile"], ["{}"])[2]["image"]
+    assert torch.equal(same, torch.from_numpy(images[2]).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+# ---------------------------------------------------------------- missing data
+
+
+def test_missing_roots_raise_data_error(tmp_path):
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(DataError, match="does-not-exist"):
+        build_dataset("imagefolder", root=str(missing))
+    with pytest.raises(DataError, match="does-not-exist"):
+        build_dataset("captions", path=str(missing / "x.csv"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        build_dataset("imagefolder", root=str(tmp_path / "empty"))
+    (tmp_path / "noimg" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        build_dataset("imagefolder", root=str(tmp_path / "noimg"))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_offline_is_a_clear_data_error(tmp_path, name):
+    root = tmp_path / "cifar-root"
+    with pytest.raises(DataError, match="download=true") as info:
+        build_dataset(name, split="val", image_size=32, root=str(root))
+    assert str(root) in str(info.value)
+
+
+# ---------------------------------------------------------------- DataModule
+
+
+def test_datamodule_batches(tmp_path):
+    from tokzoo.lit.datamodule import TokzooDataModule
+
+    dm = TokzooDataModule(
+        "shapes",
+        image_size=32,
+        batch_size=8,
+        val_batch_size=10,
+        dataset_kwargs={"num_train": 20, "num_val": 12, "cache_dir": str(tmp_path / "dm")},
+    )
+    assert dm.class_names is None  # nothing built before setup
+    dm.prepare_data()
+    assert len(list((tmp_path / "dm" / "shapes").glob("*.npz"))) == 2
+    dm.setup("fit")
+    assert dm.class_names == shapes_mod.SHAPE_NAMES and "{}" in dm.prompt_templates[0]
+    train = list(dm.train_dataloader())
+    assert len(train) == 2  # 20 // 8 with drop_last
+    batch = train[0]
+    assert set(batch) == {"image", "caption", "label", "skipped"}
+    assert (
+        batch["image"].shape == (8, 3, 32, 32) and len(batch["caption"]) == 8 and batch["label"].shape == (8,)
+    )
+    val = list(dm.val_dataloader())
+    assert [len(b["caption"]) for b in val] == [10, 2]
+    assert [b["caption"] for b in val] == [b["caption"] for b in dm.val_dataloader()]  # deterministic
+    with pytest.raises(ConfigError, match="batch_size"):
+        TokzooDataModule("shapes", image_size=32, batch_size=0)

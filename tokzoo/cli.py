@@ -1,0 +1,107 @@
+"""`tokzoo` command line: fit, compare, weights.
+
+Exit codes: 0 success; 2 bad config or input (one readable message, no traceback unless --debug); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from tokzoo.errors import TokzooError
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def is_global_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def format_metric(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}"
+
+
+def summary_table(title: str, rows: list[tuple[str, float, dict[str, float], float]], metrics: Sequence[str]) -> Table:
+    shown = [m for m in metrics if any(m in r[2] for r in rows)]
+    table = Table(title=title, header_style="bold")
+    table.add_column("variant", style="cyan")
+    table.add_column("bits/token", justify="right")
+    for m in shown:
+        table.add_column(m, justify="right")
+    table.add_column("time (s)", justify="right")
+    for name, bits, values, seconds in rows:
+        table.add_row(name, format_metric(bits), *[format_metric(values.get(m)) for m in shown], f"{seconds:.0f}")
+    return table
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from tokzoo.runner import SUMMARY_METRICS, fit
+
+    experiment, results = fit(args.config, args.overrides)
+    if is_global_zero():
+        rows = [(r.name, r.bits_per_token, r.metrics, r.seconds) for r in results]
+        console.print(summary_table(f"tokzoo fit: {experiment}", rows, SUMMARY_METRICS))
+        for r in results:
+            if r.checkpoint:
+                console.print(f"[dim]{r.name}: checkpoint {r.checkpoint}, MLflow run {r.run_id}[/dim]")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from tokzoo.weights import download_weights, weight_status
+
+    if args.download:
+        for name, status in download_weights().items():
+            console.print(f"{name}: {status}")
+    table = Table(title="pretrained weights used by metrics and losses", header_style="bold")
+    for col in ("name", "used for", "present", "path"):
+        table.add_column(col)
+    for row in weight_status():
+        present = "[green]yes[/green]" if row["present"] else "[red]no[/red]"
+        table.add_row(row["name"], row["purpose"], present, str(row["path"]))
+    console.print(table)
+    console.print("Missing weights: the metrics that need them are not logged (the run's tags say why).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokzoo", description="Ablation studies of unified visual tokenizers")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train every variant of an ablation (or one run config)")
+    fit.add_argument("config", help="run config or ablation YAML")
+    fit.add_argument("overrides", nargs="*", help="dot-list overrides applied to every variant, e.g. trainer.max_steps=50")
+    fit.set_defaults(func=cmd_fit)
+    weights = sub.add_parser("weights", help="list the pretrained weights metrics need, where they are looked for")
+    weights.add_argument("--download", action="store_true", help="fetch missing weights (needs network)")
+    weights.set_defaults(func=cmd_weights)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TokzooError as err:
+        if args.debug:
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Config loading, validation and ablation-variant expansion.
+
+A *run config* is a partial override of tokzoo/configs/default.yaml. An *ablation file* has a `base` (a run config,
+inline or a path relative to the file) and named `variants`, each a partial override merged onto the base; `seeds`
+(optional) runs every variant once per seed. Command-line dot-list overrides apply to every variant, last.
+
+Merging rule for component sections (model.encoder/decoder/factorization/quantizer/text/tokenizer): when an override
+names a different component (`name:` changes), the section is replaced, not merged, so that keyword arguments of the
+old component do not leak into the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tokzoo.errors import ConfigError
+
+DEFAULTS_PATH = Path(__file__).parent / "configs" / "default.yaml"
+COMPONENT_SECTIONS = ("encoder", "decoder", "factorization", "quantizer", "text", "tokenizer")
+OPEN_SECTIONS = {("data", "kwargs"), ("trainer",)} | {("model", c) for c in COMPONENT_SECTIONS}
+SUPERVISIONS = ("recon", "contra", "both")
+ABLATION_KEYS = {"name", "base", "variants", "seeds", "description"}
+
+
+@dataclass
+class Variant:
+    name: str  # variant name, with "/seed<k>" appended when the ablation lists several seeds
+    config: dict[str, Any]  # fully resolved run config
+    seed: int
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+
+def defaults() -> dict[str, Any]:
+    return yaml.safe_load(DEFAULTS_PATH.read_text())
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass the path to a YAML file (e.g. ablations/mcq_vs_rq.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())  # configs are data: never yaml.load with arbitrary tags
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """Deep merge of override onto base, checking keys against base (which holds every allowed key)."""
+    out = dict(base)
+    for key, value in override.items():
+        where = f"{path}.{key}" if path else key
+        section = tuple(where.split("."))
+        parent_open = tuple(path.split(".")) in OPEN_SECTIONS if path else False
+        if key not in base and not parent_open:
+            allowed = ", ".join(sorted(base))
+            raise ConfigError(f"unknown config key '{where}'; allowed keys here: {allowed}")
+        old = base.get(key)
+        if section[:1] == ("model",) and len(section) == 2 and key in COMPONENT_SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' must be a mapping with a 'name', got {value!r}")
+            if "name" in value and isinstance(old, dict) and value["name"] != old.get("name"):
+                out[key] = dict(value)  # a different component: replace, do not inherit its arguments
+                continue
+        if isinstance(old, dict) and isinstance(value, dict):
+            out[key] = merge(old, value, where)
+        elif isinstance(old, dict) and value is not None and section not in OPEN_SECTIONS:
+            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """OmegaConf dot-list (`trainer.max_steps=50`) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value, e.g. trainer.max_steps=50")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+
+
+def resolve(config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve ${...} interpolations and validate types and combinations; returns a plain dict."""
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve config: {err}") from None
+    validate(resolved)
+    return resolved
+
+
+def _expect(cfg: dict, key: str, kind: type | tuple[type, ...], *, minimum: float | None = None) -> None:
+    section, _, name = key.rpartition(".")
+    node = cfg
+    for part in section.split(".") if section else []:
+        node = node[part]
+    value = node[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+    if minimum is not None and value is not None and value < minimum:
+        raise ConfigError(f"config key '{key}' must be >= {minimum}, got {value!r}")
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    _expect(cfg, "seed", int)
+    _expect(cfg, "output_dir", str)
+    _expect(cfg, "model.image_size", int, minimum=8)
+    _expect(cfg, "model.embed_dim", int, minimum=1)
+    for comp in COMPONENT_SECTIONS:
+        section = cfg["model"][comp]
+        if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+            raise ConfigError(f"config key 'model.{comp}' needs a 'name' naming a registered {comp}")
+    if cfg["loss"]["supervision"] not in SUPERVISIONS:
+        raise ConfigError(
+            f"config key 'loss.supervision' is '{cfg['loss']['supervision']}'; allowed: {', '.join(SUPERVISIONS)}"
+        )
+    for key in ("l1_weight", "l2_weight", "lpips_weight", "quant_weight", "contra_weight", "gan_weight"):
+        _expect(cfg, f"loss.{key}", float, minimum=0.0)
+    _expect(cfg, "loss.gan_start", float, minimum=0.0)
+    _expect(cfg, "loss.grad_cos_every", int, minimum=0)
+    for key in ("lr", "weight_decay", "min_lr_ratio", "disc_lr"):
+        _expect(cfg, f"optim.{key}", float, minimum=0.0)
+    _expect(cfg, "optim.warmup_steps", int, minimum=0)
+    _expect(cfg, "optim.codebook_weight_decay", bool)
+    _expect(cfg, "data.name", str)
+    _expect(cfg, "data.batch_size", int, minimum=1)
+    _expect(cfg, "data.num_workers", int, minimum=0)
+    for key in ("zero_shot", "linear_probe", "lpips", "rfid"):
+        _expect(cfg, f"eval.{key}", bool)
+    _expect(cfg, "eval.grid_images", int, minimum=0)
+    _expect(cfg, "trainer.max_steps", int, minimum=1)
+    if cfg["loss"]["supervision"] == "contra" and cfg["loss"]["gan_weight"] > 0:
+        raise ConfigError("config sets loss.gan_weight > 0 with loss.supervision=contra; a GAN needs reconstruction")
+
+
+def load_variants(path: str | Path, overrides: list[str] | None = None) -> tuple[str, list[Variant]]:
+    """Read a run config or an ablation file; returns (experiment name, resolved variants)."""
+    path = Path(path)
+    data = load_yaml(path)
+    name = path.stem
+    over = parse_overrides(overrides or [])
+    if "variants" in data or "base" in data:
+        unknown = sorted(set(data) - ABLATION_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"ablation file '{path}' has unknown top-level key(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(ABLATION_KEYS))}"
+            )
+        name = data.get("name") or name
+        base = data.get("base") or {}
+        if isinstance(base, str):
+            base = load_yaml((path.parent / base) if not Path(base).is_absolute() else base)
+        variants = data.get("variants") or {"base": {}}
+        if not isinstance(variants, dict):
+            raise ConfigError(f"'variants' in '{path}' must be a mapping of variant name -> overrides")
+        seeds = data.get("seeds")
+    else:
+        base, variants, seeds = data, {name: {}}, None
+    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds):
+        raise ConfigError(f"'seeds' in '{path}' must be a non-empty list of integers, got {seeds!r}")
+
+    base_cfg = merge(defaults(), base)
+    out = []
+    for vname, vover in variants.items():
+        if not isinstance(vover, dict):
+            raise ConfigError(f"variant '{vname}' in '{path}' must be a mapping of overrides, got {vover!r}")
+        cfg = merge(merge(base_cfg, vover), over)
+        for seed in seeds or [None]:
+            run_cfg = dict(cfg) if seed is None else {**cfg, "seed": seed}
+            resolved = resolve(run_cfg)
+            label = str(vname) if seed is None or len(seeds) == 1 else f"{vname}/seed{seed}"
+            out.append(Variant(name=label, config=resolved, seed=resolved["seed"]))
+    if "experiment" in (over.get("tracking") or {}) and over["tracking"]["experiment"]:
+        name = over["tracking"]["experiment"]
+    elif out and out[0].config["tracking"]["experiment"]:
+        name = out[0].config["tracking"]["experiment"]
+    return str(name), out
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable short hash of a resolved config (ignores where results go, not what is computed)."""
+    relevant = {k: v for k, v in config.items() if k not in ("tracking", "output_dir")}
+    blob = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"model.quantizer.name": "mcq", ...} for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, full))
+        else:
+            flat[full] = value
+    return flat
+
+
+def as_omegaconf(config: dict[str, Any]) -> DictConfig:
+    return OmegaConf.create(config)

@@ -1,0 +1,182 @@
+"""Shared pieces of the data layer: the registry, image loading, sample format and collation.
+
+Every dataset item is a dict {"image": FloatTensor (3, H, W) in [-1, 1], "caption": str, "label": int}
+(label -1 when unknown), or None when the sample could not be read; `collate_samples` drops the Nones and
+counts them so a corrupt file costs one sample, never a run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokzoo.errors import ConfigError
+from tokzoo.registry import Registry
+
+log = logging.getLogger("tokzoo.data")
+
+DATASETS = Registry("dataset")
+
+SPLITS = ("train", "val")
+
+# Generic zero-shot prompts for photo-like data; each holds exactly one "{}" for the class name.
+PHOTO_TEMPLATES = [
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a close-up photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a bright photo of a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+    "an image of a {}.",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+Sample = dict[str, Any]
+
+
+def build_dataset(name: str, **kwargs: Any) -> torch.utils.data.Dataset:
+    """Build a registered dataset, e.g. build_dataset("shapes", split="train", image_size=32)."""
+    return DATASETS.build(name, **kwargs)
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+def default_cache_dir() -> Path:
+    """TOKZOO_CACHE if set, else ~/.cache/tokzoo."""
+    env = os.environ.get("TOKZOO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tokzoo"
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"data split '{split}' is unknown; allowed: {', '.join(SPLITS)}")
+    return split
+
+
+def check_image_size(image_size: int) -> int:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
+        raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}")
+    return image_size
+
+
+def check_templates(templates: list[str] | None, default: list[str]) -> list[str]:
+    templates = list(default if templates is None else templates)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ConfigError(
+            "data.kwargs.prompt_templates must be a non-empty list of strings, each with exactly one '{}'; "
+            f"bad: {bad}"
+        )
+    return templates
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Log `message` once per key per process (a corrupt file is reported once, not once per epoch)."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """RGB, shorter side resized to `size` (PIL's resize filters are antialiased), then a center crop."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()  # PIL's arrays are read-only
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def load_image(source: str | Path | bytes, size: int, name: str | None = None) -> torch.Tensor | None:
+    """Decode a path or encoded bytes to (3, size, size) in [-1, 1]; None (and one warning) if unreadable."""
+    what = name or str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.load()
+            arr = np.asarray(resize_center_crop(img, size), dtype=np.uint8)
+    except Exception as exn:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError...)
+        warn_once(what, f"skipping unreadable image {what}: {type(exn).__name__}: {exn}")
+        return None
+    return uint8_to_tensor(arr)
+
+
+def collate_samples(items: list[Sample | None]) -> dict[str, Any]:
+    """Stack samples into {"image": (B,3,H,W), "caption": [str], "label": (B,) int64, "skipped": int}.
+
+    None items (unreadable samples) are dropped and counted in "skipped"; B may be 0 if all were None.
+    """
+    kept = [it for it in items if it is not None]
+    skipped = len(items) - len(kept)
+    if not kept:
+        return {
+            "image": torch.zeros(0, 3, 0, 0),
+            "caption": [],
+            "label": torch.zeros(0, dtype=torch.long),
+            "skipped": skipped,
+        }
+    return {
+        "image": torch.stack([it["image"] for it in kept]),
+        "caption": [it["caption"] for it in kept],
+        "label": torch.tensor([int(it["label"]) for it in kept], dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+def deterministic_split(n: int, split: str, val_fraction: float, seed: int, what: str) -> np.ndarray:
+    """Indices of `split` in a seeded permutation of range(n); val gets round(n * val_fraction), >= 1."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.kwargs.val_fraction must be in (0, 1), got {val_fraction} (for {what})")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, round(n * val_fraction)), n - 1) if n > 1 else 0
+    idx = perm[:n_val] if split == "val" else perm[n_val:]
+    return np.sort(idx)
+
+
+class FileListDataset(torch.utils.data.Dataset):
+    """Map-style dataset over (image path, caption, label) triples; unreadable images give None."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        captions: list[str],
+        labels: list[int],
+        image_size: int,
+        class_names: list[str] | None,
+        prompt_templates: list[str],
+    ):
+        self.paths, self.captions, self.labels = paths, captions, labels
+        self.image_size = image_size
+        self.class_names = class_names
+        self.prompt_templates = prompt_templates
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Sample | None:
+        image = load_image(self.paths[i], self.image_size)
+        if image is None:
+            return None
+        return {"image": image, "caption": self.captions[i], "label": self.labels[i]}

@@ -1,0 +1,198 @@
+"""The LightningModule: wires the tokenizer, the objective and the validation metrics. It composes; the
+components compute."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from tokzoo.losses.objective import TokenizerObjective, gradient_conflict
+from tokzoo.metrics import CodebookUsage, FidelityMetrics, linear_probe_accuracy, zero_shot_accuracy
+from tokzoo.model import UnifiedTokenizer
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """Concatenate a (n_rank, ...) tensor from every rank; ranks may hold different n."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class TokenizerModule(L.LightningModule):
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config = config
+        supervision = config["loss"]["supervision"]
+        self.model = UnifiedTokenizer(
+            config["model"], use_decoder=supervision != "contra", use_text=supervision != "recon"
+        )
+        self.objective = TokenizerObjective(
+            config["loss"], config["trainer"]["max_steps"], lpips=config["eval"]["lpips"]
+        )
+        ev = config["eval"]
+        self.fidelity = FidelityMetrics(lpips=ev["lpips"], rfid=ev["rfid"]) if self.model.decoder is not None else None
+        sizes = self.model.quantizer.codebook_sizes
+        self.codebook_usage = CodebookUsage(sizes) if sizes else None
+        # metric name -> why it is not logged (tagged on the MLflow run)
+        self.absent: dict[str, str] = {f"train/{k}": v for k, v in self.objective.absent.items()}
+        if self.fidelity is not None:
+            self.absent.update({f"val/{k}": v for k, v in self.fidelity.absent.items()})
+        else:
+            reason = "supervision=contra trains no decoder"
+            self.absent.update({f"val/{k}": reason for k in ("psnr", "ssim", "lpips", "rfid")})
+        if self.model.text_tower is None:
+            self.absent["val/zeroshot_acc"] = "supervision=recon trains no text tower"
+        if not sizes:
+            reason = "quantizer 'none' is continuous"
+            self.absent.update({f"val/{k}": reason for k in ("codebook_usage", "perplexity", "dead_codes")})
+        self.class_names: list[str] | None = None
+        self.prompt_templates: list[str] = ["a photo of a {}."]
+        self.grid_path: Path | None = None  # where validation writes originals vs reconstructions
+        self._val: dict[str, list[Tensor]] = {}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "class_names", None):
+            self.class_names = list(datamodule.class_names)
+            self.prompt_templates = list(datamodule.prompt_templates or self.prompt_templates)
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images = batch["image"]
+        out = self.model(images)
+        terms = self.objective(self.model, out, images, batch["caption"], self.global_step)
+        loss = terms["loss"]
+        every = self.config["loss"]["grad_cos_every"]
+        if every and "loss_contra" in terms and "loss_recon" in terms and self.global_step % every == 0:
+            shared = [p for p in self.model.encoder.parameters() if p.requires_grad]
+            terms.update(gradient_conflict(terms["loss_recon"], terms["loss_contra"], shared))
+        bsz = images.shape[0]
+        self.log("train/loss", terms.pop("loss").detach(), batch_size=bsz, prog_bar=True)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bsz)
+        stats = out.quant.stats
+        if stats and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log_dict({f"train/{k}": v for k, v in stats.items() if "/" not in k}, batch_size=bsz)
+        if batch.get("skipped"):
+            self.log("train/skipped_samples", float(batch["skipped"]), reduce_fx="sum", batch_size=bsz)
+        if self.model.logit_scale is not None:
+            self.log("train/logit_scale", self.model.logit_scale_value().detach(), batch_size=bsz)
+        return loss
+
+    # ---- validation ------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"image_emb": [], "codes": [], "labels": []}
+        if self.fidelity is not None:
+            self.fidelity.reset()
+        if self.codebook_usage is not None:
+            self.codebook_usage.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        out = self.model(images)
+        if out.recon is not None:
+            self.fidelity.update(out.recon, images)
+            if batch_idx == 0 and self.grid_path is not None and self.trainer.is_global_zero:
+                self._save_grid(images, out.recon)
+        if self.codebook_usage is not None:
+            self.codebook_usage.update(out.quant.indices)
+        self._val["codes"].append(out.pooled_codes.float())
+        self._val["labels"].append(batch["label"])
+        if out.image_emb is not None:
+            self._val["image_emb"].append(out.image_emb.float())
+
+    def on_validation_epoch_end(self) -> None:
+        metrics: dict[str, float] = {}
+        if self.fidelity is not None:
+            metrics.update(self.fidelity.compute())
+            self.absent.update({f"val/{k}": v for k, v in self.fidelity.absent.items()})
+        if self.codebook_usage is not None:
+            metrics.update(self.codebook_usage.compute())
+            metrics["bits_per_token"] = self.model.quantizer.bits_per_token
+        labels = gather_rows(torch.cat(self._val["labels"])) if self._val["labels"] else None
+        if labels is not None and bool((labels >= 0).all()) and labels.numel() >= 4:
+            cfg = self.config["eval"]
+            if cfg["linear_probe"]:
+                metrics["linprobe_acc"] = self._linear_probe(gather_rows(torch.cat(self._val["codes"])), labels)
+            if cfg["zero_shot"] and self._val["image_emb"] and self.class_names:
+                image_emb = gather_rows(torch.cat(self._val["image_emb"]))
+                metrics["zeroshot_acc"] = zero_shot_accuracy(image_emb, labels, self._class_embeddings())
+        else:
+            for key in ("linprobe_acc", "zeroshot_acc"):
+                self.absent.setdefault(f"val/{key}", "the validation data has no class labels")
+        # Every rank computed the same global values (gathered above), so no further reduction is needed.
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}, sync_dist=False)
+
+    def _linear_probe(self, feats: Tensor, labels: Tensor) -> float:
+        """Fit on even-indexed validation samples, test on odd ones (deterministic split of the val set)."""
+        train, test = slice(0, None, 2), slice(1, None, 2)
+        return linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test])
+
+    def _class_embeddings(self) -> Tensor:
+        """Mean text embedding over prompt templates for each class name -> (K, embed_dim), l2-normalised."""
+        per_class = []
+        for name in self.class_names:
+            emb = self.model.encode_text([t.format(name) for t in self.prompt_templates])
+            per_class.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
+        return torch.stack(per_class)
+
+    def _save_grid(self, images: Tensor, recon: Tensor) -> None:
+        from torchvision.utils import save_image
+
+        n = min(self.config["eval"]["grid_images"], images.shape[0])
+        if n == 0:
+            return
+        grid = torch.cat([images[:n], recon[:n].clamp(-1, 1)]).float().cpu() * 0.5 + 0.5
+        self.grid_path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, self.grid_path, nrow=n)  # row 1: originals, row 2: reconstructions
+
+    # ---- optimisation ----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.config["optim"]
+        codebooks = self.model.codebook_parameters()
+        decay, no_decay, disc = [], [], []
+        disc_ids = set()
+        if self.objective.discriminator is not None:
+            disc = [p for p in self.objective.discriminator.parameters() if p.requires_grad]
+            disc_ids = {id(p) for p in disc}
+        for name, p in self.named_parameters():
+            if not p.requires_grad or id(p) in disc_ids:
+                continue
+            is_codebook = id(p) in codebooks
+            # Norms, biases, embeddings of positions, the logit scale and codebooks carry no weight decay.
+            if (is_codebook and not cfg["codebook_weight_decay"]) or (not is_codebook and (p.ndim < 2 or "pos_embed" in name)):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [
+            {"params": decay, "weight_decay": cfg["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if disc:
+            groups.append({"params": disc, "weight_decay": 0.0, "lr": cfg["disc_lr"]})
+        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        total = max(1, int(self.trainer.max_steps))
+        warmup, floor = cfg["warmup_steps"], cfg["min_lr_ratio"]
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

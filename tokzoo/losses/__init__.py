@@ -1,0 +1,15 @@
+"""Losses: pixel + perceptual + GAN reconstruction terms, and CLIP's contrastive loss."""
+
+from tokzoo.losses.contrastive import ContrastiveLoss
+from tokzoo.losses.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from tokzoo.losses.reconstruction import PerceptualLoss, PixelLoss
+
+__all__ = [
+    "ContrastiveLoss",
+    "PatchDiscriminator",
+    "PerceptualLoss",
+    "PixelLoss",
+    "adaptive_gan_weight",
+    "hinge_d_loss",
+    "hinge_g_loss",
+]

@@ -1,0 +1,96 @@
+"""The training objective: supervision recon | contra | both, each term kept separately for logging.
+
+    recon   = pixel (l1_weight * L1 + l2_weight * L2) + lpips_weight * LPIPS [+ adaptive GAN term]
+    total   = [recon] + quant_weight * quantizer loss + [contra_weight * contrastive] [+ discriminator loss]
+
+The discriminator shares the single optimizer: the generator's GAN term is computed through a *detached copy*
+of the discriminator's parameters and the discriminator's hinge loss on detached reconstructions, so each term
+only reaches the parameters it should, with one backward and DDP-friendly (every parameter used every step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from tokzoo.losses.contrastive import ContrastiveLoss
+from tokzoo.losses.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from tokzoo.losses.reconstruction import PerceptualLoss, PixelLoss
+from tokzoo.model import TokenizerOutput, UnifiedTokenizer
+from tokzoo.weights import weights_available
+
+
+class TokenizerObjective(nn.Module):
+    def __init__(self, loss_cfg: dict[str, Any], max_steps: int, lpips: bool = True):
+        super().__init__()
+        self.cfg = dict(loss_cfg)
+        self.supervision = loss_cfg["supervision"]
+        self.use_recon = self.supervision in ("recon", "both")
+        self.use_contra = self.supervision in ("contra", "both")
+        self.pixel = PixelLoss(loss_cfg["l1_weight"], loss_cfg["l2_weight"])
+        self.contrastive = ContrastiveLoss()
+        self.perceptual = None
+        self.absent: dict[str, str] = {}  # loss terms that cannot run here, with the reason
+        if self.use_recon and lpips and loss_cfg["lpips_weight"] > 0:
+            ok, reason = weights_available("lpips_vgg")
+            if ok:
+                self.perceptual = PerceptualLoss()
+            else:
+                self.absent["loss_lpips"] = reason
+        self.discriminator = PatchDiscriminator() if self.use_recon and loss_cfg["gan_weight"] > 0 else None
+        self.gan_start_step = int(loss_cfg["gan_start"] * max_steps)
+
+    def reconstruction_terms(
+        self, model: UnifiedTokenizer, out: TokenizerOutput, images: Tensor, step: int
+    ) -> dict[str, Tensor]:
+        terms = {"loss_pixel": self.pixel(out.recon, images)}
+        nll = terms["loss_pixel"]
+        if self.perceptual is not None:
+            terms["loss_lpips"] = self.perceptual(out.recon, images)
+            nll = nll + self.cfg["lpips_weight"] * terms["loss_lpips"]
+        recon = nll
+        if self.discriminator is not None:
+            active = float(step >= self.gan_start_step)
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            g_loss = hinge_g_loss(functional_call(self.discriminator, frozen, (out.recon,)))
+            weight = adaptive_gan_weight(nll, g_loss, model.decoder.last_layer_weight) * self.cfg["gan_weight"]
+            terms["loss_gan"] = g_loss
+            recon = recon + active * weight * g_loss
+            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(out.recon.detach()))
+            terms["loss_disc"] = d_loss
+            terms["_disc_total"] = active * d_loss
+        terms["loss_recon"] = recon
+        return terms
+
+    def forward(
+        self, model: UnifiedTokenizer, out: TokenizerOutput, images: Tensor, captions: list[str], step: int
+    ) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {"loss_quant": out.quant.loss}
+        total = self.cfg["quant_weight"] * out.quant.loss
+        if self.use_recon:
+            terms.update(self.reconstruction_terms(model, out, images, step))
+            total = total + terms["loss_recon"] + terms.pop("_disc_total", 0.0)
+        if self.use_contra:
+            text_emb = model.encode_text(captions)
+            terms["loss_contra"] = self.contrastive(out.image_emb, text_emb, model.logit_scale_value())
+            total = total + self.cfg["contra_weight"] * terms["loss_contra"]
+        terms["loss"] = total
+        return terms
+
+
+def gradient_conflict(loss_a: Tensor, loss_b: Tensor, params: list[nn.Parameter]) -> dict[str, Tensor]:
+    """Cosine similarity and norms of the gradients of two losses on shared parameters (graph retained)."""
+    grads_a = torch.autograd.grad(loss_a, params, retain_graph=True, allow_unused=True)
+    grads_b = torch.autograd.grad(loss_b, params, retain_graph=True, allow_unused=True)
+    pairs = [(a, b) for a, b in zip(grads_a, grads_b) if a is not None and b is not None]
+    flat_a = torch.cat([a.reshape(-1) for a, _ in pairs])
+    flat_b = torch.cat([b.reshape(-1) for _, b in pairs])
+    norm_a, norm_b = flat_a.norm(), flat_b.norm()
+    return {
+        "grad_cos_recon_contra": (flat_a @ flat_b) / (norm_a * norm_b).clamp_min(1e-12),
+        "grad_norm_recon": norm_a,
+        "grad_norm_contra": norm_b,
+    }

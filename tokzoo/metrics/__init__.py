@@ -1,0 +1,7 @@
+"""Validation metrics: fidelity (PSNR, SSIM, LPIPS, rFID), semantics (zero-shot, linear probe), codebooks."""
+
+from tokzoo.metrics.codebook import CodebookUsage
+from tokzoo.metrics.fidelity import FidelityMetrics
+from tokzoo.metrics.semantics import linear_probe_accuracy, zero_shot_accuracy
+
+__all__ = ["CodebookUsage", "FidelityMetrics", "linear_probe_accuracy", "zero_shot_accuracy"]

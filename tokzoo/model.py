@@ -1,0 +1,101 @@
+"""The unified tokenizer as a plain nn.Module, composed from registry names:
+
+    images -> encoder -> factorization down -> quantizer -> factorization up -> decoder -> reconstruction
+                                                                      \-> mean over tokens -> LN -> Linear -> l2
+    captions -> tokenizer -> text tower -> l2                              (contrastive head, CLIP-style)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokzoo.backbones import build_decoder, build_encoder
+from tokzoo.factorization import build_factorization
+from tokzoo.quantizers import QuantizerOutput, build_quantizer
+from tokzoo.text import build_text_tower, build_tokenizer
+
+LOGIT_SCALE_INIT = 1 / 0.07
+LOGIT_SCALE_MAX = 100.0
+
+
+@dataclass
+class TokenizerOutput:
+    recon: Tensor | None  # (B, 3, H, W), None when the decoder is not used
+    quant: QuantizerOutput  # z_q (B, N, dim), indices (B, N, C), loss, stats
+    pooled_codes: Tensor  # (B, dim) mean of the quantized tokens (linear-probe features)
+    image_emb: Tensor | None  # (B, embed_dim) l2-normalised, None when no text tower is used
+
+
+def _kwargs(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    section = dict(section)
+    return section.pop("name"), section
+
+
+class UnifiedTokenizer(nn.Module):
+    def __init__(self, model_cfg: dict[str, Any], use_decoder: bool = True, use_text: bool = True):
+        super().__init__()
+        image_size = model_cfg["image_size"]
+        enc_name, enc_kw = _kwargs(model_cfg["encoder"])
+        dec_name, dec_kw = _kwargs(model_cfg["decoder"])
+        self.encoder = build_encoder(enc_name, **{"image_size": image_size, **enc_kw})
+        q_name, q_kw = _kwargs(model_cfg["quantizer"])
+        if q_name == "none" and "dim" not in q_kw:
+            q_kw["dim"] = self.encoder.width  # continuous baseline without a bottleneck
+        self.quantizer = build_quantizer(q_name, **q_kw)
+        f_name, f_kw = _kwargs(model_cfg["factorization"])
+        self.factor_down = build_factorization(f_name, in_dim=self.encoder.width, out_dim=self.quantizer.dim, **f_kw)
+        # The up-projection restores the encoder width; the decoder and the contrastive head read from there.
+        self.factor_up = build_factorization(f_name, in_dim=self.quantizer.dim, out_dim=self.encoder.width, **f_kw)
+        self.decoder = build_decoder(dec_name, **{"image_size": image_size, **dec_kw}) if use_decoder else None
+        if self.decoder is not None and self.decoder.width != self.encoder.width:
+            self.decoder_in = nn.Linear(self.encoder.width, self.decoder.width)
+        else:
+            self.decoder_in = nn.Identity()
+
+        self.tokenizer = self.text_tower = self.image_head = self.logit_scale = None
+        if use_text:
+            tok_name, tok_kw = _kwargs(model_cfg["tokenizer"])
+            self.tokenizer = build_tokenizer(tok_name, **tok_kw)
+            text_name, text_kw = _kwargs(model_cfg["text"])
+            text_kw.setdefault("vocab_size", self.tokenizer.vocab_size)
+            text_kw.setdefault("context_length", self.tokenizer.context_length)
+            text_kw.setdefault("embed_dim", model_cfg["embed_dim"])
+            self.text_tower = build_text_tower(text_name, **text_kw)
+            self.image_head = nn.Sequential(
+                nn.LayerNorm(self.encoder.width), nn.Linear(self.encoder.width, model_cfg["embed_dim"])
+            )
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(LOGIT_SCALE_INIT)))
+
+    def encode(self, images: Tensor) -> QuantizerOutput:
+        # images: (B, 3, H, W) -> quantizer output over (B, N, dim)
+        return self.quantizer(self.factor_down(self.encoder(images)))
+
+    def decode_codes(self, z_q: Tensor) -> Tensor:
+        # z_q: (B, N, dim) -> images (B, 3, H, W)
+        return self.decoder(self.decoder_in(self.factor_up(z_q)))
+
+    def forward(self, images: Tensor) -> TokenizerOutput:
+        quant = self.encode(images)
+        tokens = self.factor_up(quant.z_q)  # (B, N, width)
+        recon = self.decoder(self.decoder_in(tokens)) if self.decoder is not None else None
+        image_emb = None
+        if self.image_head is not None:
+            image_emb = F.normalize(self.image_head(tokens.mean(dim=1)), dim=-1)
+        return TokenizerOutput(recon=recon, quant=quant, pooled_codes=quant.z_q.mean(dim=1), image_emb=image_emb)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        device = self.logit_scale.device
+        return F.normalize(self.text_tower(self.tokenizer(captions).to(device)), dim=-1)
+
+    def logit_scale_value(self) -> Tensor:
+        return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+    def codebook_parameters(self) -> set[int]:
+        """ids of codebook tensors (excluded from weight decay unless the config asks)."""
+        return {id(p) for name, p in self.quantizer.named_parameters() if "embed" in name}

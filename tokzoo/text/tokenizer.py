@@ -1,0 +1,64 @@
+"""CLIP's byte-level BPE tokenizer (open_clip ships the vocabulary file, so this works offline)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+from tokzoo.errors import ConfigError, DataError
+
+
+@lru_cache(maxsize=1)
+def _shared_bpe() -> SimpleTokenizer:
+    # Reading and parsing the merges file takes a moment; every tokenizer instance can share one.
+    return SimpleTokenizer()
+
+
+class ClipBPETokenizer:
+    """list[str] -> LongTensor (B, context_length): [SOT] bpe tokens [EOT] then zero padding.
+
+    Captions longer than the context are truncated and the last position is set back to EOT, so every row
+    holds exactly one EOT. EOT has the highest id of the vocabulary, which the text tower relies on to find
+    the pooling position with an argmax.
+    """
+
+    pad_id = 0
+
+    def __init__(self, context_length: int = 77):
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            raise ConfigError(
+                f"clip_bpe tokenizer: context_length must be an integer >= 2 (room for SOT and EOT), "
+                f"got {context_length!r}"
+            )
+        self.context_length = context_length
+        self._bpe = _shared_bpe()
+        self.vocab_size: int = self._bpe.vocab_size
+        self.sot_id: int = self._bpe.sot_token_id
+        self.eot_id: int = self._bpe.eot_token_id
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        # texts: B strings -> (B, context_length) int64
+        if isinstance(texts, str):
+            texts = [texts]
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            kind = type(texts[bad[0]]).__name__
+            raise DataError(
+                f"clip_bpe tokenizer: captions must be strings; item {bad[0]} is a {kind}; check the captions"
+            )
+        return self._bpe(list(texts), context_length=self.context_length)
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """Text of one row of ids: what lies between SOT and the first EOT (for logs and debugging)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if ids and ids[0] == self.sot_id:
+            ids = ids[1:]
+        if self.eot_id in ids:
+            ids = ids[: ids.index(self.eot_id)]
+        return self._bpe.decode(ids).strip()
+
+    def __repr__(self) -> str:
+        return f"ClipBPETokenizer(context_length={self.context_length}, vocab_size={self.vocab_size})"

@@ -1,0 +1,74 @@
+"""MLflow: where runs go, one run per variant, tags that make runs findable and comparable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tokzoo.errors import ConfigError
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """The config's tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+
+    (MLflow 3 refuses the old ./mlruns file store, so the default is a SQLite file.)"""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when runs could not be recorded."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        parent = db.parent if str(db.parent) else Path(".")
+        if not parent.exists():
+            raise ConfigError(f"tracking URI {uri}: folder {parent} does not exist; create it or set tracking.uri")
+        if not os.access(parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise ConfigError(f"tracking URI {uri}: {db} is not writable; fix permissions or set tracking.uri")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except (urllib.error.URLError, OSError) as err:
+            raise ConfigError(
+                f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}); start it "
+                f"(`mlflow server ...`) or unset MLFLOW_TRACKING_URI to use sqlite:///{DEFAULT_DB}"
+            ) from None
+    elif uri.startswith("file:") or "://" not in uri:
+        raise ConfigError(
+            f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use sqlite:///path/to/mlflow.db "
+            f"or an http(s):// server"
+        )
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(variant: str, config_hash: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    tags = {
+        "tokzoo.variant": variant,
+        "tokzoo.config_hash": config_hash,
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.runName": variant,
+    }
+    tags.update({k: str(v) for k, v in (extra or {}).items()})
+    return tags
+
+
+def param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."

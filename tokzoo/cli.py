@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train every variant of an ablation (or one run config)")
     fit.add_argument("config", help="run config or ablation YAML")
-    fit.add_argument("overrides", nargs="*", help="dot-list overrides applied to every variant, e.g. trainer.max_steps=50")
+    fit.add_argument(
+        "overrides", nargs="*", help="dot-list overrides applied to every variant, e.g. trainer.max_steps=50"
+    )
     fit.set_defaults(func=cmd_fit)
     weights = sub.add_parser("weights", help="list the pretrained weights metrics need, where they are looked for")
     weights.add_argument("--download", action="store_true", help="fetch missing weights (needs network)")

@@ -48,7 +48,9 @@ def defaults() -> dict[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass the path to a YAML file (e.g. ablations/mcq_vs_rq.yaml)")
+        raise ConfigError(
+            f"config file '{path}' does not exist; pass the path to a YAML file (e.g. ablations/mcq_vs_rq.yaml)"
+        )
     try:
         data = yaml.safe_load(path.read_text())  # configs are data: never yaml.load with arbitrary tags
     except yaml.YAMLError as err:

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tokzoo.errors import ConfigError
 

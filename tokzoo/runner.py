@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from tokzoo.config import Variant, flatten, load_variants
+from tokzoo.data import DATASETS
 from tokzoo.errors import ConfigError
 from tokzoo.lit.callbacks import ImagesPerSecond
 from tokzoo.lit.datamodule import TokzooDataModule
 from tokzoo.lit.module import TokenizerModule
+from tokzoo.model import UnifiedTokenizer
 from tokzoo.tracking import check_tracking, param_value, run_tags, tracking_uri
 
 SUMMARY_METRICS = (
@@ -91,7 +94,7 @@ def fit_variant(experiment: str, variant: Variant, uri: str) -> VariantResult:
         tags=run_tags(variant.name, variant.config_hash, {"tokzoo.experiment": experiment}),
     )
     throughput = ImagesPerSecond()
-    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False, every_n_train_steps=None)
+    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last")
     callbacks = [throughput, checkpoint, LearningRateMonitor(logging_interval="step")]
     if kwargs.get("enable_progress_bar", True):
         from lightning.pytorch.callbacks import RichProgressBar
@@ -123,12 +126,25 @@ def fit_variant(experiment: str, variant: Variant, uri: str) -> VariantResult:
     return result
 
 
+def check_variant(variant: Variant) -> None:
+    """Build everything a variant names, without training, so that a bad variant fails before any run starts."""
+    config = variant.config
+    trainer_kwargs(config)
+    DATASETS.get(config["data"]["name"])
+    supervision = config["loss"]["supervision"]
+    with torch.device("meta"):  # registry names, argument names and dims are checked; no memory is allocated
+        UnifiedTokenizer(config["model"], use_decoder=supervision != "contra", use_text=supervision != "recon")
+
+
 def fit(path: str, overrides: list[str]) -> tuple[str, list[VariantResult]]:
     experiment, variants = load_variants(path, overrides)
     uri = tracking_uri(variants[0].config["tracking"]["uri"])
     check_tracking(uri)
-    for variant in variants:  # fail on a bad variant before any training starts
-        trainer_kwargs(variant.config)
+    for variant in variants:
+        try:
+            check_variant(variant)
+        except ConfigError as err:
+            raise ConfigError(f"variant '{variant.name}': {err}") from None
     results = []
     for variant in variants:
         results.append(fit_variant(experiment, variant, uri))

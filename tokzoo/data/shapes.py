@@ -247,6 +247,7 @@ def _write_atomic(path: Path, **arrays: np.ndarray) -> None:
             np.savez_compressed(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a shared cache should be readable by all
         os.replace(tmp, path)  # atomic on POSIX: readers see the old state or the whole file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

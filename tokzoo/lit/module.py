@@ -74,6 +74,8 @@ class TokenizerModule(L.LightningModule):
     # ---- training --------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images = batch["image"]
+        if images.shape[0] == 0:
+            return None  # every sample of this batch was unreadable (counted by the data layer): skip the step
         out = self.model(images)
         terms = self.objective(self.model, out, images, batch["caption"], self.global_step)
         loss = terms["loss"]
@@ -174,7 +176,8 @@ class TokenizerModule(L.LightningModule):
                 continue
             is_codebook = id(p) in codebooks
             # Norms, biases, embeddings of positions, the logit scale and codebooks carry no weight decay.
-            if (is_codebook and not cfg["codebook_weight_decay"]) or (not is_codebook and (p.ndim < 2 or "pos_embed" in name)):
+            exempt = p.ndim < 2 or "pos_embed" in name
+            if (is_codebook and not cfg["codebook_weight_decay"]) or (not is_codebook and exempt):
                 no_decay.append(p)
             else:
                 decay.append(p)

@@ -274,7 +274,8 @@ def kmeans(x: Tensor, num_clusters: int, iters: int) -> Tensor:
         dists = torch.cdist(xs, centroids)  # (n, M, K)
         assign = dists.argmin(-1)  # (n, M)
         sums = torch.zeros_like(centroids).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), xs)
-        counts = torch.zeros(n, num_clusters, device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=x.dtype))
+        ones = torch.ones_like(assign, dtype=x.dtype)
+        counts = torch.zeros(n, num_clusters, device=x.device).scatter_add_(1, assign, ones)
         centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centroids)
     return centroids
 

@@ -126,9 +126,7 @@ def test_perceptual_loss_without_weights_raises_and_never_downloads(tmp_path, mo
         PerceptualLoss()
 
 
-@pytest.mark.skipif(
-    not weights_available("lpips_vgg")[0], reason="VGG16 weights for LPIPS are not on this machine"
-)
+@pytest.mark.skipif(not weights_available("lpips_vgg")[0], reason="VGG16 weights for LPIPS are not on this machine")
 def test_perceptual_loss_with_weights():
     loss_fn = PerceptualLoss()
     loss_fn.train()
@@ -205,6 +203,4 @@ if __name__ == "__main__":
 
     # fork: the workers inherit the imported torch instead of importing it again (seconds on small machines)
     method = "fork" if sys.platform == "linux" else "spawn"
-    mp.start_processes(
-        _ddp_worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=DDP_WORLD, start_method=method
-    )
+    mp.start_processes(_ddp_worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=DDP_WORLD, start_method=method)

@@ -189,9 +189,7 @@ def test_linear_probe_separable_vs_random_labels():
         torch.randint(0, 4, (200,), generator=g),
         torch.randint(0, 4, (100,), generator=g),
     )
-    assert (
-        linear_probe_accuracy(x_train, random_train, x_test, random_test, epochs=50) < 0.5
-    )  # chance is 0.25
+    assert linear_probe_accuracy(x_train, random_train, x_test, random_test, epochs=50) < 0.5  # chance is 0.25
 
 
 def test_linear_probe_inside_inference_mode():

@@ -142,9 +142,7 @@ def require_weights(name: str) -> Path:
     return find_weights(name)  # type: ignore[return-value]
 
 
-def download_weights(
-    names: Iterable[str] | None = None, timeout_s: float = DOWNLOAD_TIMEOUT_S
-) -> dict[str, str]:
+def download_weights(names: Iterable[str] | None = None, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> dict[str, str]:
     """Fetch missing files into the first search directory. Returns name -> "ok" | "failed: <reason>".
 
     Files already present are left alone ("ok"). Uses torch.hub.download_url_to_file (atomic rename, sha256
@@ -238,9 +236,7 @@ def exclude_from_checkpoint(module: nn.Module) -> nn.Module:
         for key in [k for k in state_dict if k.startswith(prefix)]:
             del state_dict[key]
 
-    def fill(
-        mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
+    def fill(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
         bypass["on"] = True
         try:
             current = mod.state_dict(prefix=prefix, keep_vars=True)

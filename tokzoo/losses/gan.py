@@ -78,9 +78,7 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_gan_weight(
-    nll_loss: Tensor, g_loss: Tensor, last_layer_weight: Tensor, max_weight: float = 1e4
-) -> Tensor:
+def adaptive_gan_weight(nll_loss: Tensor, g_loss: Tensor, last_layer_weight: Tensor, max_weight: float = 1e4) -> Tensor:
     """VQGAN's balance ||d nll / d w_last|| / (||d g_loss / d w_last|| + 1e-4), clamped to [0, max_weight].
 
     Detached.

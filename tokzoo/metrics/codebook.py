@@ -30,9 +30,7 @@ class CodebookUsage(Metric):
         super().__init__(**kwargs)
         sizes = [int(s) for s in codebook_sizes]
         if not sizes or min(sizes) < 1:
-            raise ValueError(
-                f"codebook_sizes must be a non-empty list of positive sizes, got {list(codebook_sizes)}"
-            )
+            raise ValueError(f"codebook_sizes must be a non-empty list of positive sizes, got {list(codebook_sizes)}")
         if dead_after_steps is not None and dead_after_steps < 1:
             raise ValueError(f"dead_after_steps must be >= 1 or None, got {dead_after_steps}")
         self.codebook_sizes = sizes

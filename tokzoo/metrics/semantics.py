@@ -14,13 +14,9 @@ def zero_shot_accuracy(image_emb: Tensor, labels: Tensor, class_text_emb: Tensor
     embeddings per class). Embeddings are l2-normalised here, so unnormalised inputs are fine.
     """
     if image_emb.shape[-1] != class_text_emb.shape[-1]:
-        raise ValueError(
-            f"image_emb width {image_emb.shape[-1]} != class_text_emb width {class_text_emb.shape[-1]}"
-        )
+        raise ValueError(f"image_emb width {image_emb.shape[-1]} != class_text_emb width {class_text_emb.shape[-1]}")
     with torch.no_grad():
-        logits = (
-            100.0 * F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_text_emb.float(), dim=-1).t()
-        )
+        logits = 100.0 * F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_text_emb.float(), dim=-1).t()
         pred = logits.argmax(dim=-1)
         return float((pred == labels.to(pred.device)).float().mean())
 
@@ -67,9 +63,7 @@ def linear_probe_accuracy(
 
         def closure() -> Tensor:
             opt.zero_grad()
-            loss = (
-                F.cross_entropy(x_train @ weight + bias, y_train) + 0.5 * weight_decay * weight.pow(2).sum()
-            )
+            loss = F.cross_entropy(x_train @ weight + bias, y_train) + 0.5 * weight_decay * weight.pow(2).sum()
             loss.backward()
             return loss
 

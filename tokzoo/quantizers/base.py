@@ -89,10 +89,20 @@ class UsageTracker(nn.Module):
         self.register_buffer("histogram", torch.zeros(num_codebooks, codebook_size))
 
     @torch.no_grad()
-    def update(self, counts: Tensor) -> None:
-        """counts: (n, K) code hits of one training step, already summed over ranks."""
+    def update(self, counts: Tensor, hits: Tensor | None = None) -> None:
+        """counts: (n, K) code hits of one training step, already summed over ranks.
+
+        hits (optional): this rank's flat code indices (codebook * K + code, see `flat_codes`). In a single
+        process they mark the used codes in O(tokens) instead of a pass over all n * K codes; under DDP other
+        ranks' hits only show in the reduced counts, so those decide.
+        """
         self.step += 1
-        self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
+        if hits is not None and world_size() == 1:
+            # scatter_ of the step tensor: no host sync (index_fill_ would read the value with .item())
+            hits = hits.reshape(-1)
+            self.last_used.view(-1).scatter_(0, hits, self.step.expand(hits.shape))
+        else:
+            self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
         decay = 1.0 - 1.0 / self.window
         self.histogram.mul_(decay).add_(counts.float(), alpha=1.0 - decay)
 
@@ -100,10 +110,13 @@ class UsageTracker(nn.Module):
         return self.step - self.last_used  # (n, K)
 
     def stats(self) -> dict[str, Tensor]:
-        usage = (self.idle_steps() < self.window).float().mean(-1)  # (n,)
+        # idle < window  <=>  last_used > step - window: one comparison pass over the codes instead of three.
+        live = (self.last_used > self.step - self.window).sum(-1, dtype=torch.int32)  # (n,), exact below 2^31
+        usage = live.float() / self.last_used.shape[-1]  # (n,)
         probs = self.histogram / self.histogram.sum(-1, keepdim=True).clamp_min(1e-12)
         perplexity = torch.exp(entropy(probs))  # (n,)
-        out = {"usage": usage.mean(), "perplexity": perplexity.mean(), "dead_codes": 1.0 - usage.mean()}
+        mean_usage = usage.mean()
+        out = {"usage": mean_usage, "perplexity": perplexity.mean(), "dead_codes": 1.0 - mean_usage}
         if usage.numel() > 1:
             for i in range(usage.numel()):
                 out[f"usage/{i}"] = usage[i]
@@ -112,11 +125,25 @@ class UsageTracker(nn.Module):
         return out
 
 
-def code_counts(indices: Tensor, num_codebooks: int, codebook_size: int) -> Tensor:
-    """indices (M, n) -> hit counts (n, K) via one bincount over offset indices."""
+def flat_codes(indices: Tensor, num_codebooks: int, codebook_size: int) -> Tensor:
+    """indices (M, n) -> (M * n,) indices into the n * K codes of all codebooks (codebook i at offset i * K)."""
+    if num_codebooks == 1:
+        return indices.reshape(-1)
     offsets = torch.arange(num_codebooks, device=indices.device) * codebook_size
-    flat = (indices + offsets).reshape(-1)
-    return torch.bincount(flat, minlength=num_codebooks * codebook_size).view(num_codebooks, codebook_size)
+    return (indices + offsets).reshape(-1)
+
+
+def code_counts(indices: Tensor, num_codebooks: int, codebook_size: int, flat: Tensor | None = None) -> Tensor:
+    """indices (M, n) -> float32 hit counts (n, K) (`flat`: the flat_codes of indices, if already computed).
+
+    One scatter-add of ones over the offset indices: float32 holds every count exactly (far fewer than 2^24
+    tokens per step), it is the dtype the EMA and the all-reduce want, and unlike torch.bincount it needs no
+    host sync on CUDA.
+    """
+    flat = flat_codes(indices, num_codebooks, codebook_size) if flat is None else flat
+    counts = torch.zeros(num_codebooks * codebook_size, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+    return counts.view(num_codebooks, codebook_size)
 
 
 class CodebookSet(nn.Module):
@@ -188,17 +215,22 @@ class CodebookSet(nn.Module):
         """x (M, n, c) -> indices (M, n) of the nearest code, searched in token blocks (bounded memory)."""
         codes = self.codes() if codes is None else codes
         n, k, _ = codes.shape
-        # Cosine: argmax x.e. Euclidean: argmin ||e||^2 - 2 x.e (||x||^2 is the same for every code).
-        sq_norms = None if self.normalize else codes.pow(2).sum(-1)  # (n, K)
+        # Cosine: argmax x.e. Euclidean: argmin ||e||^2 - 2 x.e (||x||^2 is the same for every code); the -2 is
+        # folded into the codes (exact: a power of two) and ||e||^2 added in place, so a block costs one score
+        # matrix and no temporaries.
+        if self.normalize:
+            sq_norms, rhs = None, codes.transpose(1, 2)  # (n, c, K)
+        else:
+            sq_norms, rhs = codes.pow(2).sum(-1).unsqueeze(1), (-2 * codes).transpose(1, 2)  # (n, 1, K), (n, c, K)
         block = max(1, SEARCH_BLOCK_ELEMENTS // (n * k))
         out = torch.empty(x.shape[0], n, dtype=torch.long, device=x.device)
         for start in range(0, x.shape[0], block):
             xb = x[start : start + block].transpose(0, 1)  # (n, b, c)
-            scores = torch.bmm(xb, codes.transpose(1, 2))  # (n, b, K)
+            scores = torch.bmm(xb, rhs)  # (n, b, K)
             if sq_norms is None:
                 out[start : start + block] = scores.argmax(-1).T
             else:
-                out[start : start + block] = (sq_norms[:, None, :] - 2 * scores).argmin(-1).T
+                out[start : start + block] = scores.add_(sq_norms).argmin(-1).T
         return out
 
     def lookup(self, indices: Tensor, codes: Tensor | None = None) -> Tensor:
@@ -222,16 +254,17 @@ class CodebookSet(nn.Module):
         """After a training forward: x (M, n, c) inputs as searched, indices (M, n) their codes."""
         if not self.training:
             return
-        counts = all_reduce_sum(code_counts(indices, self.num_codebooks, self.codebook_size).float())
-        self.tracker.update(counts)
+        flat = flat_codes(indices, self.num_codebooks, self.codebook_size)
+        counts = all_reduce_sum(code_counts(indices, self.num_codebooks, self.codebook_size, flat))
+        self.tracker.update(counts, flat)
         if self.update_rule == "ema":
-            self._ema_step(x, indices, counts)
+            self._ema_step(x, flat, counts)
         if self.restart_dead_after > 0 and int(self.tracker.step) % self.restart_dead_after == 0:
             self._restart_dead(x)
 
-    def _ema_step(self, x: Tensor, indices: Tensor, counts: Tensor) -> None:
+    def _ema_step(self, x: Tensor, flat: Tensor, counts: Tensor) -> None:
+        # flat: (M * n,) indices into all n * K codes (flat_codes), counts: (n, K) reduced over ranks
         n, k, c = self.embed.shape
-        flat = (indices + torch.arange(n, device=indices.device) * k).reshape(-1)
         sums = torch.zeros(n * k, c, device=x.device).index_add_(0, flat, x.reshape(-1, c).float())
         sums = all_reduce_sum(sums.view(n, k, c))
         decay = self.ema_decay
@@ -304,7 +337,7 @@ class Quantizer(nn.Module):
         # Distances, entropies and rounding in bf16/fp16 give wrong argmins and NaNs: always fp32.
         with torch.autocast(device_type=z.device.type, enabled=False):
             out = self.quantize(z.float())
-        return replace(out, z_q=out.z_q.to(z.dtype))
+        return out if out.z_q.dtype == z.dtype else replace(out, z_q=out.z_q.to(z.dtype))
 
     def quantize(self, z: Tensor) -> QuantizerOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -26,7 +26,7 @@ from tokzoo.quantizers.base import (
     all_reduce_sum,
     check_positive,
     code_counts,
-    round_ste,
+    flat_codes,
 )
 
 EPS = 1e-3
@@ -67,27 +67,45 @@ class FiniteScalarQuantizer(Quantizer):
         self.register_buffer("levels_int", torch.tensor(levels, dtype=torch.long), persistent=False)
         basis = torch.cumprod(torch.tensor([1] + levels[:-1], dtype=torch.long), 0)
         self.register_buffer("basis", basis, persistent=False)
+        # While every index fits below 2^24, float32 products and sums of these small integers are exact, so the
+        # training path can compute indices with one matrix-vector product (see _indices_from_steps).
+        self.float_exact_indices = vocab <= 1 << 24
+        self.register_buffer("basis_float", basis.float(), persistent=False)
+        self.index_offset = int(((self.levels_int // 2) * basis).sum())
         self.tracker = UsageTracker(num_codebooks, vocab, stats_window)
 
     def bound(self, x: Tensor) -> Tensor:
         return torch.tanh(x + self.shift) * self.half_range - self.offset
 
     def quantize(self, z: Tensor) -> QuantizerOutput:
-        # z: (B, N, dim) fp32 -> x: (B*N, G, len(levels))
-        b = z.shape[0]
-        x = rearrange(z, "b t (g l) -> (b t) g l", g=self.num_codebooks)
-        z_hat = round_ste(self.bound(x)) / self.half_width
-        indices = self.codes_to_indices(z_hat)
+        # z: (B, N, dim) fp32 -> x: (B*N, G, len(levels)). Plain reshapes: at this size einops' per-call cost
+        # is a visible share of the step.
+        b, t, _ = z.shape
+        x = z.reshape(b * t, self.num_codebooks, len(self.levels))
+        bounded = self.bound(x)
+        steps = bounded.detach().round()  # integer grid steps, in [-(L // 2), L - 1 - L // 2]
+        # round_ste(bounded) / half_width, with the rounding shared with the index computation below.
+        z_hat = (bounded + (steps - bounded).detach()) / self.half_width
+        indices = self._indices_from_steps(steps)  # (B*N, G)
         if self.training:
             with torch.no_grad():
-                counts = code_counts(indices, self.num_codebooks, self.codebook_sizes[0]).float()
-                self.tracker.update(all_reduce_sum(counts))
+                flat = flat_codes(indices, self.num_codebooks, self.codebook_sizes[0])
+                counts = code_counts(indices, self.num_codebooks, self.codebook_sizes[0], flat)
+                self.tracker.update(all_reduce_sum(counts), flat)
         return QuantizerOutput(
-            z_q=rearrange(z_hat, "(b t) g l -> b t (g l)", b=b),
-            indices=rearrange(indices, "(b t) g -> b t g", b=b),
+            z_q=z_hat.view(b, t, self.dim),
+            indices=indices.view(b, t, self.num_codebooks),
             loss=z.new_zeros(()),
             stats=self.tracker.stats(),
         )
+
+    def _indices_from_steps(self, steps: Tensor) -> Tensor:
+        """Rounded steps (M, G, len(levels)) -> (M, G) int64; equals codes_to_indices(steps / half_width)."""
+        if not self.float_exact_indices:
+            return ((steps.long() + self.levels_int // 2) * self.basis).sum(-1)
+        # All values are integers below 2^24: float32 arithmetic is exact, in any summation order.
+        m, g, n_levels = steps.shape
+        return (steps.view(m * g, n_levels).mv(self.basis_float) + self.index_offset).long().view(m, g)
 
     def codes_to_indices(self, z_hat: Tensor) -> Tensor:
         """(..., len(levels)) grid values -> (...) int64 indices, in integer arithmetic."""

@@ -26,6 +26,7 @@ from tokzoo.quantizers.base import (
     check_positive,
     code_counts,
     entropy,
+    flat_codes,
 )
 
 MAX_GROUP_BITS = 16
@@ -82,8 +83,9 @@ class LookupFreeQuantizer(Quantizer):
             loss = loss + self.entropy_weight * self.entropy_loss(x)
         if self.training:
             with torch.no_grad():
-                counts = code_counts(indices, self.num_codebooks, self.codebook_sizes[0]).float()
-                self.tracker.update(all_reduce_sum(counts))
+                flat = flat_codes(indices, self.num_codebooks, self.codebook_sizes[0])
+                counts = code_counts(indices, self.num_codebooks, self.codebook_sizes[0], flat)
+                self.tracker.update(all_reduce_sum(counts), flat)
 
         x_q = x + (q - x).detach()
         return QuantizerOutput(

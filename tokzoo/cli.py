@@ -1,4 +1,4 @@
-"""`tokzoo` command line: fit, compare, weights.
+"""`tokzoo` command line: fit, sweep, compare, weights.
 
 Exit codes: 0 success; 2 bad config or input (one readable message, no traceback unless --debug); 1 anything else.
 """
@@ -17,7 +17,7 @@ from rich.table import Table
 from tokzoo.errors import TokzooError
 
 console = Console(stderr=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # never hard-wrap a message: paths and keys stay greppable
 
 
 def is_global_zero() -> bool:
@@ -56,6 +56,36 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import signal
+
+    from tokzoo.sweep import best_trials, run_sweep, sweep_table
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the sweep stops its trials and re-queues them for the next run
+
+    signal.signal(signal.SIGTERM, interrupt)
+    outcome = run_sweep(
+        args.sweep,
+        args.overrides,
+        workers=args.workers,
+        storage=args.storage,
+        n_trials=args.n_trials,
+        log=console.print,
+    )
+    console.print(sweep_table(outcome))
+    if not best_trials(outcome.study):
+        err_console.print("no trial completed; see the fail reasons above")
+        return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tokzoo.analysis.compare import compare
+
+    return compare(args.experiment, uri=args.tracking_uri, fmt=args.format, plot_dir=args.plot, console=console)
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from tokzoo.weights import download_weights, weight_status
 
@@ -83,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dot-list overrides applied to every variant, e.g. trainer.max_steps=50"
     )
     fit.set_defaults(func=cmd_fit)
+    sweep = sub.add_parser("sweep", help="run (or resume, or join) an Optuna study; one training process per trial")
+    sweep.add_argument("sweep", help="sweep YAML (base config, space, objectives, sampler, n_trials, storage)")
+    sweep.add_argument(
+        "overrides", nargs="*", help="dot-list overrides applied to every trial, e.g. trainer.max_steps=50"
+    )
+    sweep.add_argument("--workers", type=int, default=1, help="trials run in parallel on this machine (default 1)")
+    sweep.add_argument("--storage", help="Optuna storage: a journal file path or an RDB URL (overrides the file)")
+    sweep.add_argument("--n-trials", type=int, help="total trial budget of the study (overrides the file)")
+    sweep.set_defaults(func=cmd_sweep)
+    compare = sub.add_parser("compare", help="table (mean ± 95%% CI over seeds) and plots of an experiment's runs")
+    compare.add_argument("experiment", help="MLflow experiment name (the ablation's name)")
+    compare.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
+    compare.add_argument("--format", choices=("table", "md", "csv"), default="table", help="output format")
+    compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    compare.set_defaults(func=cmd_compare)
     weights = sub.add_parser("weights", help="list the pretrained weights metrics need, where they are looked for")
     weights.add_argument("--download", action="store_true", help="fetch missing weights (needs network)")
     weights.set_defaults(func=cmd_weights)
@@ -92,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides given after an option (`tokzoo sweep s.yaml --workers 2 trainer.max_steps=5`)
+        if getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return args.func(args)
     except TokzooError as err:

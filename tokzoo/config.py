@@ -97,8 +97,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' must look like key.path=value, e.g. trainer.max_steps=50")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # values are parsed as YAML: `{a:b}` fails there
+        raise ConfigError(f"cannot parse overrides {overrides}: {' '.join(str(err).split())}") from None
 
 
 def resolve(config: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +131,7 @@ def _expect(cfg: dict, key: str, kind: type | tuple[type, ...], *, minimum: floa
 def validate(cfg: dict[str, Any]) -> None:
     _expect(cfg, "seed", int)
     _expect(cfg, "output_dir", str)
+    _expect(cfg, "checkpoint_every", int, minimum=1)
     _expect(cfg, "model.image_size", int, minimum=8)
     _expect(cfg, "model.embed_dim", int, minimum=1)
     for comp in COMPONENT_SECTIONS:
@@ -206,7 +207,7 @@ def load_variants(path: str | Path, overrides: list[str] | None = None) -> tuple
 
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of a resolved config (ignores where results go, not what is computed)."""
-    relevant = {k: v for k, v in config.items() if k not in ("tracking", "output_dir")}
+    relevant = {k: v for k, v in config.items() if k not in ("tracking", "output_dir", "checkpoint_every")}
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -27,7 +27,8 @@ class ImagesPerSecond(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seen += 1
-        if self.seen > self.warmup:
+        # a run shorter than the warmup still measures its last batch (else the metric would silently vanish)
+        if self.seen > min(self.warmup, trainer.max_steps - 1 if trainer.max_steps > 0 else self.warmup):
             self.seconds += time.perf_counter() - self._start
             self.images += batch["image"].shape[0] * trainer.world_size
 

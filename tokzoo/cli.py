@@ -16,7 +16,8 @@ from rich.table import Table
 
 from tokzoo.errors import TokzooError
 
-console = Console(stderr=False)
+# Tables keep their columns when stdout is a file or a pipe (CI logs, `| tee`), instead of rich's 80 columns.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, soft_wrap=True)  # never hard-wrap a message: paths and keys stay greppable
 
 
@@ -30,30 +31,44 @@ def format_metric(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def summary_table(title: str, rows: list[tuple[str, float, dict[str, float], float]], metrics: Sequence[str]) -> Table:
-    shown = [m for m in metrics if any(m in r[2] for r in rows)]
+def summary_table(title: str, results: Sequence, metrics: Sequence[str]) -> Table:
+    """One row per variant (a runner.VariantResult): status, bits per token, the metrics any variant has, time."""
+    shown = [m for m in metrics if any(m in r.metrics for r in results)]
     table = Table(title=title, header_style="bold")
     table.add_column("variant", style="cyan")
+    table.add_column("status")
     table.add_column("bits/token", justify="right")
     for m in shown:
         table.add_column(m, justify="right")
     table.add_column("time (s)", justify="right")
-    for name, bits, values, seconds in rows:
-        table.add_row(name, format_metric(bits), *[format_metric(values.get(m)) for m in shown], f"{seconds:.0f}")
+    for r in results:
+        status = f"[red]{r.status}[/red]" if r.status == "failed" else r.status
+        cells = [format_metric(r.metrics.get(m)) for m in shown]
+        table.add_row(r.name, status, format_metric(r.bits_per_token), *cells, f"{r.seconds:.0f}")
     return table
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from tokzoo.config import load_variants
+
+    load_variants(args.config, args.overrides)  # config errors surface before the heavy imports below
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from tokzoo.runner import SUMMARY_METRICS, fit
 
-    experiment, results = fit(args.config, args.overrides)
+    try:
+        experiment, results = fit(args.config, args.overrides)
+    except SIGTERMException:
+        err_console.print("stopped by SIGTERM: the last checkpoint was saved; run the same command to resume")
+        return 143
     if is_global_zero():
-        rows = [(r.name, r.bits_per_token, r.metrics, r.seconds) for r in results]
-        console.print(summary_table(f"tokzoo fit: {experiment}", rows, SUMMARY_METRICS))
+        console.print(summary_table(f"tokzoo fit: {experiment}", results, SUMMARY_METRICS))
         for r in results:
-            if r.checkpoint:
+            if r.error:
+                err_console.print(f"[red]{r.name} failed:[/red] {r.error}")
+            elif r.checkpoint:
                 console.print(f"[dim]{r.name}: checkpoint {r.checkpoint}, MLflow run {r.run_id}[/dim]")
-    return 0
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -11,3 +11,7 @@ class ConfigError(TokzooError, ValueError):
 
 class DataError(TokzooError):
     """A dataset is missing, empty or unreadable."""
+
+
+class NonFiniteLossError(TokzooError):
+    """Training produced a NaN/Inf loss: the variant stops, its last good checkpoint is kept."""

@@ -58,3 +58,7 @@ def check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], what: str)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(f"{what} got unknown argument(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    required = [n for n in accepted if params[n].default is inspect.Parameter.empty]
+    missing = [n for n in required if n not in kwargs]
+    if missing:
+        raise ConfigError(f"{what} needs argument(s) {', '.join(missing)}; accepted: {', '.join(accepted)}")

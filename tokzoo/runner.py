@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tokzoo.config import Variant, flatten, load_variants
+from tokzoo.config import Variant, config_hash, flatten, load_variants
 from tokzoo.data import DATASETS
-from tokzoo.errors import ConfigError
+from tokzoo.errors import ConfigError, NonFiniteLossError
 from tokzoo.lit.callbacks import ImagesPerSecond
 from tokzoo.lit.datamodule import TokzooDataModule
 from tokzoo.lit.module import TokenizerModule
 from tokzoo.model import UnifiedTokenizer
+from tokzoo.registry import check_kwargs
 from tokzoo.tracking import check_tracking, param_value, run_tags, tracking_uri
 
 SUMMARY_METRICS = (
@@ -46,6 +49,8 @@ class VariantResult:
     seconds: float = 0.0
     run_id: str | None = None
     checkpoint: str | None = None
+    status: str = "trained"  # trained | resumed | done earlier | failed
+    error: str | None = None
 
 
 def safe_name(name: str) -> str:
@@ -64,6 +69,14 @@ def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("val_check_interval") is None and kwargs.get("check_val_every_n_epoch") is None:
         kwargs["val_check_interval"] = kwargs["max_steps"]  # validate once, at the end of training
     kwargs.setdefault("max_epochs", -1)
+    if "log_every_n_steps" in kwargs:  # a run shorter than the interval would log no training metric at all
+        kwargs["log_every_n_steps"] = max(1, min(kwargs["log_every_n_steps"], kwargs["max_steps"]))
+    if kwargs.get("strategy") == "ddp":
+        # The quantizers all-reduce their own codebook state; DDP's per-forward broadcast of rank 0's buffers
+        # would only cost communication and hide a rank that drifted.
+        from lightning.pytorch.strategies import DDPStrategy
+
+        kwargs["strategy"] = DDPStrategy(broadcast_buffers=False)
     return kwargs
 
 
@@ -79,58 +92,162 @@ def build_datamodule(config: dict[str, Any]) -> TokzooDataModule:
     )
 
 
-def fit_variant(experiment: str, variant: Variant, uri: str) -> VariantResult:
+class ValidationHook(L.Callback):
+    """Calls fn(global_step, val metrics) on rank 0 after each validation; True from fn stops training on every
+    rank (used by sweeps to report intermediate values and prune)."""
+
+    def __init__(self, fn: Callable[[int, dict[str, float]], bool]):
+        self.fn = fn
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        stop = False
+        if trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            stop = bool(self.fn(trainer.global_step, metrics))
+        if trainer.strategy.broadcast(stop):
+            trainer.should_stop = True
+
+
+def previous_runs(uri: str, experiment: str, variant: Variant) -> list[Any]:
+    """Runs of this experiment for this variant and config hash, newest first (empty if none or no experiment)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = f"tags.`tokzoo.variant` = '{variant.name}' and tags.`tokzoo.config_hash` = '{variant.config_hash}'"
+    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+
+
+def checked_checkpoint(path: Path, variant: Variant) -> Path:
+    """A checkpoint to resume from must come from the same config; anything else is refused, never mixed in."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files: name the file and the fix
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start over") from None
+    saved = (state.get("hyper_parameters") or {}).get("config")
+    if not isinstance(saved, dict) or config_hash(saved) != variant.config_hash:
+        raise ConfigError(
+            f"checkpoint {path} was written by a different config than variant '{variant.name}' "
+            f"(hash {config_hash(saved) if isinstance(saved, dict) else 'unknown'} vs {variant.config_hash}); "
+            f"delete it, or set output_dir to a fresh folder"
+        )
+    return path
+
+
+def result_from_run(run: Any, variant: Variant, bits: float) -> VariantResult:
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val/", "perf/"))}
+    result = VariantResult(variant.name, bits, metrics, run.data.metrics.get("perf/wall_seconds", 0.0))
+    result.run_id, result.status = run.info.run_id, "done earlier"
+    return result
+
+
+def fit_variant(
+    experiment: str,
+    variant: Variant,
+    uri: str,
+    extra_tags: dict[str, str] | None = None,
+    on_validation: Callable[[int, dict[str, float]], bool] | None = None,
+    resume: bool = True,
+) -> VariantResult:
+    """Train one variant into one MLflow run. With resume (default): a variant whose run already FINISHED with the
+    same config hash is skipped, and an interrupted one continues from its last checkpoint into the same run."""
     config = variant.config
+    out_dir = Path(config["output_dir"]) / safe_name(experiment) / safe_name(variant.name)
+    # Named by config hash: changing a value starts a new checkpoint instead of resuming from an unrelated one.
+    last = out_dir / "checkpoints" / f"last-{variant.config_hash}.ckpt"
+    prior = previous_runs(uri, experiment, variant) if resume else []
+    finished = next((r for r in prior if r.info.status == "FINISHED"), None)
+    if finished is not None:
+        bits = float(finished.data.params.get("model.quantizer.bits_per_token", "nan"))
+        return result_from_run(finished, variant, bits)
+    ckpt_path = checked_checkpoint(last, variant) if resume and last.exists() else None
+    run_id = prior[0].info.run_id if (ckpt_path is not None and prior) else None
+
     L.seed_everything(variant.seed, workers=True, verbose=False)
     kwargs = trainer_kwargs(config)
     datamodule = build_datamodule(config)
     module = TokenizerModule(config)
-    out_dir = Path(config["output_dir"]) / safe_name(experiment) / safe_name(variant.name)
     module.grid_path = out_dir / "recon_grid.png"
     logger = MLFlowLogger(
         experiment_name=experiment,
         run_name=variant.name,
         tracking_uri=uri,
-        tags=run_tags(variant.name, variant.config_hash, {"tokzoo.experiment": experiment}),
+        run_id=run_id,
+        tags=None
+        if run_id
+        else run_tags(variant.name, variant.config_hash, {"tokzoo.experiment": experiment, **(extra_tags or {})}),
     )
     throughput = ImagesPerSecond()
-    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last")
+    # One rolling checkpoint: every `checkpoint_every` steps, on any exception (SIGTERM, NaN), and at the end.
+    checkpoint = ModelCheckpoint(
+        dirpath=last.parent,
+        filename=last.stem,
+        every_n_train_steps=config["checkpoint_every"],
+        save_on_exception=True,
+        enable_version_counter=False,
+    )
     callbacks = [throughput, checkpoint, LearningRateMonitor(logging_interval="step")]
+    if on_validation is not None:
+        callbacks.append(ValidationHook(on_validation))
     if kwargs.get("enable_progress_bar", True):
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar())
     trainer = L.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(out_dir), **kwargs)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and run_id is None:
         params = {k: param_value(v) for k, v in flatten(config).items()}
         params["model.quantizer.bits_per_token"] = module.model.quantizer.bits_per_token
         logger.log_hyperparams(params)
+    result = VariantResult(variant.name, module.model.quantizer.bits_per_token)
+    if ckpt_path is not None:
+        result.status = "resumed"
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    seconds = time.perf_counter() - start
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except NonFiniteLossError as err:
+        # Lightning already marked the run failed and saved the last good state; record why and move on.
+        result.status, result.error = "failed", str(err)
+        if trainer.is_global_zero:
+            logger.experiment.set_tag(logger.run_id, "tokzoo.fail_reason", str(err)[:5000])
+            result.run_id = logger.run_id
+        return result
+    result.seconds = time.perf_counter() - start
+    trainer.save_checkpoint(last)  # the final state, whatever checkpoint_every was
 
-    result = VariantResult(variant.name, module.model.quantizer.bits_per_token, seconds=seconds)
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if throughput.value is not None:
         result.metrics["perf/images_per_sec"] = throughput.value
     if trainer.is_global_zero:
         client, run_id = logger.experiment, logger.run_id
         result.run_id = run_id
-        client.log_metric(run_id, "perf/wall_seconds", seconds)
+        client.log_metric(run_id, "perf/wall_seconds", result.seconds)
         for metric, reason in sorted(module.absent.items()):
             if metric not in result.metrics:
                 client.set_tag(run_id, f"absent.{metric}", reason[:5000])
         if module.grid_path.exists():
             client.log_artifact(run_id, str(module.grid_path))
-        result.checkpoint = checkpoint.best_model_path or checkpoint.last_model_path or None
+        result.checkpoint = str(last)
     return result
 
 
 def check_variant(variant: Variant) -> None:
     """Build everything a variant names, without training, so that a bad variant fails before any run starts."""
     config = variant.config
-    trainer_kwargs(config)
-    DATASETS.get(config["data"]["name"])
+    kwargs = trainer_kwargs(config)
+    try:  # values (precision, accelerator, devices) are checked by Lightning itself; nothing is launched here
+        L.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"trainer settings rejected by Lightning: {' '.join(str(err).split())}") from None
+    data = config["data"]
+    check_kwargs(
+        DATASETS.get(data["name"]),
+        {"split": "train", "image_size": config["model"]["image_size"], **data["kwargs"]},
+        f"dataset '{data['name']}' (data.kwargs)",
+    )
     supervision = config["loss"]["supervision"]
     with torch.device("meta"):  # registry names, argument names and dims are checked; no memory is allocated
         UnifiedTokenizer(config["model"], use_decoder=supervision != "contra", use_text=supervision != "recon")
@@ -147,5 +264,8 @@ def fit(path: str, overrides: list[str]) -> tuple[str, list[VariantResult]]:
             raise ConfigError(f"variant '{variant.name}': {err}") from None
     results = []
     for variant in variants:
-        results.append(fit_variant(experiment, variant, uri))
+        try:
+            results.append(fit_variant(experiment, variant, uri))
+        except ConfigError as err:
+            raise ConfigError(f"variant '{variant.name}': {err}") from None
     return experiment, results

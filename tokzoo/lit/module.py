@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tokzoo.errors import NonFiniteLossError
 from tokzoo.losses.objective import TokenizerObjective, gradient_conflict
 from tokzoo.metrics import CodebookUsage, FidelityMetrics, linear_probe_accuracy, zero_shot_accuracy
 from tokzoo.model import UnifiedTokenizer
@@ -79,6 +80,7 @@ class TokenizerModule(L.LightningModule):
         out = self.model(images)
         terms = self.objective(self.model, out, images, batch["caption"], self.global_step)
         loss = terms["loss"]
+        self._check_finite(loss, terms)
         every = self.config["loss"]["grad_cos_every"]
         if every and "loss_contra" in terms and "loss_recon" in terms and self.global_step % every == 0:
             shared = [p for p in self.model.encoder.parameters() if p.requires_grad]
@@ -94,6 +96,18 @@ class TokenizerModule(L.LightningModule):
         if self.model.logit_scale is not None:
             self.log("train/logit_scale", self.model.logit_scale_value().detach(), batch_size=bsz)
         return loss
+
+    def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        """Stop before a NaN/Inf loss reaches the weights (and the next checkpoint); all ranks decide together."""
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if v.numel() == 1)
+            raise NonFiniteLossError(
+                f"loss became non-finite at step {self.global_step} ({values}); lower optim.lr, check the data, "
+                f"or use precision 32-true. The last checkpoint before this step is kept."
+            )
 
     # ---- validation ------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -5,7 +5,11 @@ Runs on every DDP rank (Lightning re-executes the command per rank); only rank 0
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,12 +238,13 @@ def fit_variant(
     return result
 
 
-def check_variant(variant: Variant) -> None:
+def check_variant(variant: Variant) -> int:
     """Build everything a variant names, without training, so that a bad variant fails before any run starts."""
     config = variant.config
     kwargs = trainer_kwargs(config)
     try:  # values (precision, accelerator, devices) are checked by Lightning itself; nothing is launched here
-        L.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+        with quiet_lightning():
+            L.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(f"trainer settings rejected by Lightning: {' '.join(str(err).split())}") from None
     data = config["data"]
@@ -250,18 +255,54 @@ def check_variant(variant: Variant) -> None:
     )
     supervision = config["loss"]["supervision"]
     with torch.device("meta"):  # registry names, argument names and dims are checked; no memory is allocated
-        UnifiedTokenizer(config["model"], use_decoder=supervision != "contra", use_text=supervision != "recon")
+        model = UnifiedTokenizer(config["model"], use_decoder=supervision != "contra", use_text=supervision != "recon")
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Silence Lightning's info banners (GPU available, tips) for throwaway pre-flight Trainers."""
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def check_output_dir(folder: Path, needed_bytes: int) -> None:
+    """Fail before training when checkpoints could not be written: unwritable folder or too little free disk."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".tokzoo-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir {folder} is not writable ({err.strerror or err}); set output_dir to a writable folder"
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ConfigError(
+            f"output_dir {folder} has {free / 2**20:.0f} MiB free but a checkpoint needs about "
+            f"{needed_bytes / 2**20:.0f} MiB; free some space or set output_dir elsewhere"
+        )
 
 
 def fit(path: str, overrides: list[str]) -> tuple[str, list[VariantResult]]:
     experiment, variants = load_variants(path, overrides)
     uri = tracking_uri(variants[0].config["tracking"]["uri"])
     check_tracking(uri)
+    largest = 0
     for variant in variants:
         try:
-            check_variant(variant)
+            largest = max(largest, check_variant(variant))
         except ConfigError as err:
             raise ConfigError(f"variant '{variant.name}': {err}") from None
+    # A checkpoint holds fp32 weights and two AdamW moments; keep room for the file being replaced.
+    for folder in {Path(v.config["output_dir"]) for v in variants}:
+        check_output_dir(folder, needed_bytes=2 * 3 * 4 * largest)
     results = []
     for variant in variants:
         try:

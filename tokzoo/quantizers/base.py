@@ -195,6 +195,9 @@ class CodebookSet(nn.Module):
             self.register_buffer("ema_count", torch.ones(num_codebooks, codebook_size))
             self.register_buffer("ema_sum", init.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # Host-side mirrors of device state, so the training step does not sync with the GPU every call.
+        self._known_initialized = not kmeans_init
+        self._updates = 0
         self.tracker = UsageTracker(num_codebooks, codebook_size, stats_window)
 
     # ---- search and lookup -------------------------------------------------------------------------------
@@ -242,12 +245,16 @@ class CodebookSet(nn.Module):
     @torch.no_grad()
     def maybe_init(self, x: Tensor) -> None:
         """k-means init from the first training batch (x (M, n, c)), identical on every rank (rank 0 decides)."""
-        if not self.training or bool(self.initialized):
+        if not self.training or self._known_initialized:
+            return
+        if bool(self.initialized):  # e.g. restored from a checkpoint: read the buffer once
+            self._known_initialized = True
             return
         centroids = kmeans(self.prepare_input(x.float()), self.codebook_size, self.kmeans_iters)
         broadcast_from_rank0(centroids)
         self._set_codes(centroids, torch.ones_like(self.tracker.histogram, dtype=torch.bool))
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     @torch.no_grad()
     def update(self, x: Tensor, indices: Tensor) -> None:
@@ -259,7 +266,8 @@ class CodebookSet(nn.Module):
         self.tracker.update(counts, flat)
         if self.update_rule == "ema":
             self._ema_step(x, flat, counts)
-        if self.restart_dead_after > 0 and int(self.tracker.step) % self.restart_dead_after == 0:
+        self._updates += 1
+        if self.restart_dead_after > 0 and self._updates % self.restart_dead_after == 0:
             self._restart_dead(x)
 
     def _ema_step(self, x: Tensor, flat: Tensor, counts: Tensor) -> None:

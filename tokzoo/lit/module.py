@@ -84,7 +84,11 @@ class TokenizerModule(L.LightningModule):
         every = self.config["loss"]["grad_cos_every"]
         if every and "loss_contra" in terms and "loss_recon" in terms and self.global_step % every == 0:
             shared = [p for p in self.model.encoder.parameters() if p.requires_grad]
-            terms.update(gradient_conflict(terms["loss_recon"], terms["loss_contra"], shared))
+            conflict = gradient_conflict(terms["loss_recon"], terms["loss_contra"], shared)
+            # Written at the step it was measured (self.log would defer it to the next logging interval).
+            if self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics({f"train/{k}": float(v) for k, v in conflict.items()}, step=self.global_step)
         bsz = images.shape[0]
         self.log("train/loss", terms.pop("loss").detach(), batch_size=bsz, prog_bar=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bsz)

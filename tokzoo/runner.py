@@ -126,6 +126,13 @@ def previous_runs(uri: str, experiment: str, variant: Variant) -> list[Any]:
     return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
 
 
+def checkpoint_path(experiment: str, variant: Variant) -> Path:
+    """outputs/<experiment>/<variant>/checkpoints/last-<hash>.ckpt. Named by config hash: changing a value starts a
+    new checkpoint instead of resuming from an unrelated one."""
+    folder = Path(variant.config["output_dir"]) / safe_name(experiment) / safe_name(variant.name)
+    return folder / "checkpoints" / f"last-{variant.config_hash}.ckpt"
+
+
 def checked_checkpoint(path: Path, variant: Variant) -> Path:
     """A checkpoint to resume from must come from the same config; anything else is refused, never mixed in."""
     try:
@@ -160,9 +167,8 @@ def fit_variant(
     """Train one variant into one MLflow run. With resume (default): a variant whose run already FINISHED with the
     same config hash is skipped, and an interrupted one continues from its last checkpoint into the same run."""
     config = variant.config
-    out_dir = Path(config["output_dir"]) / safe_name(experiment) / safe_name(variant.name)
-    # Named by config hash: changing a value starts a new checkpoint instead of resuming from an unrelated one.
-    last = out_dir / "checkpoints" / f"last-{variant.config_hash}.ckpt"
+    last = checkpoint_path(experiment, variant)
+    out_dir = last.parent.parent
     prior = previous_runs(uri, experiment, variant) if resume else []
     finished = next((r for r in prior if r.info.status == "FINISHED"), None)
     if finished is not None:
@@ -187,7 +193,7 @@ def fit_variant(
     )
     throughput = ImagesPerSecond()
     # One rolling checkpoint: every `checkpoint_every` steps, on any exception (SIGTERM, NaN), and at the end.
-    checkpoint = ModelCheckpoint(
+    checkpoint = RollingCheckpoint(
         dirpath=last.parent,
         filename=last.stem,
         every_n_train_steps=config["checkpoint_every"],
@@ -259,6 +265,15 @@ def check_variant(variant: Variant) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class RollingCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that saves on SIGTERM and other interruptions, but not on a non-finite loss: the weights of
+    a diverging step are no 'last good' state, so the previous rolling checkpoint is kept instead."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, NonFiniteLossError):
+            super().on_exception(trainer, pl_module, exception)
+
+
 @contextlib.contextmanager
 def quiet_lightning():
     """Silence Lightning's info banners (GPU available, tips) for throwaway pre-flight Trainers."""
@@ -298,6 +313,9 @@ def fit(path: str, overrides: list[str]) -> tuple[str, list[VariantResult]]:
     for variant in variants:
         try:
             largest = max(largest, check_variant(variant))
+            existing = checkpoint_path(experiment, variant)
+            if existing.exists():  # a foreign or truncated checkpoint fails now, not after other variants trained
+                checked_checkpoint(existing, variant)
         except ConfigError as err:
             raise ConfigError(f"variant '{variant.name}': {err}") from None
     # A checkpoint holds fp32 weights and two AdamW moments; keep room for the file being replaced.

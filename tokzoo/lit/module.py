@@ -107,10 +107,11 @@ class TokenizerModule(L.LightningModule):
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
-            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if v.numel() == 1)
+            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items() if v.numel() == 1)
             raise NonFiniteLossError(
                 f"loss became non-finite at step {self.global_step} ({values}); lower optim.lr, check the data, "
-                f"or use precision 32-true. The last checkpoint before this step is kept."
+                f"or use precision 32-true; a changed config starts afresh. The previous rolling checkpoint is kept "
+                f"(rerunning the same config resumes from it)."
             )
 
     # ---- validation ------------------------------------------------------------------------------------------

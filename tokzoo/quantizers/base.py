@@ -146,6 +146,11 @@ def code_counts(indices: Tensor, num_codebooks: int, codebook_size: int, flat: T
     return counts.view(num_codebooks, codebook_size)
 
 
+def _restore_update_count(module: nn.Module, incompatible_keys: object) -> None:
+    """Load hook: tracker.step (saved) counts the same updates, so a resumed run keeps the restart schedule."""
+    module._updates = int(module.tracker.step)
+
+
 class CodebookSet(nn.Module):
     """n independent codebooks of K codes of width c, searched together.
 
@@ -198,6 +203,7 @@ class CodebookSet(nn.Module):
         # Host-side mirrors of device state, so the training step does not sync with the GPU every call.
         self._known_initialized = not kmeans_init
         self._updates = 0
+        self.register_load_state_dict_post_hook(_restore_update_count)
         self.tracker = UsageTracker(num_codebooks, codebook_size, stats_window)
 
     # ---- search and lookup -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Conventions (see ../shared/docs/QUANTIZERS.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -35,7 +36,7 @@ class QuantizerOutput:
     z_q: Tensor  # (B, N, dim), straight-through to z
     indices: Tensor  # (B, N, C) int64
     loss: Tensor  # scalar
-    stats: dict[str, Tensor] = field(default_factory=dict)
+    stats: Mapping[str, Tensor] = field(default_factory=dict)  # computed when first read (LazyStats)
 
 
 def world_size() -> int:
@@ -109,20 +110,52 @@ class UsageTracker(nn.Module):
     def idle_steps(self) -> Tensor:
         return self.step - self.last_used  # (n, K)
 
-    def stats(self) -> dict[str, Tensor]:
-        # idle < window  <=>  last_used > step - window: one comparison pass over the codes instead of three.
-        live = (self.last_used > self.step - self.window).sum(-1, dtype=torch.int32)  # (n,), exact below 2^31
-        usage = live.float() / self.last_used.shape[-1]  # (n,)
-        probs = self.histogram / self.histogram.sum(-1, keepdim=True).clamp_min(1e-12)
-        perplexity = torch.exp(entropy(probs))  # (n,)
-        mean_usage = usage.mean()
-        out = {"usage": mean_usage, "perplexity": perplexity.mean(), "dead_codes": 1.0 - mean_usage}
-        if usage.numel() > 1:
-            for i in range(usage.numel()):
-                out[f"usage/{i}"] = usage[i]
-                out[f"perplexity/{i}"] = perplexity[i]
-                out[f"dead_codes/{i}"] = 1.0 - usage[i]
-        return out
+    def stats(self) -> LazyStats:
+        """Usage statistics as of now. The buffers are copied (cheap) and the reductions run only when the
+        result is read, which the training loop does once per logging interval, not every step."""
+        step, last_used, histogram = self.step.clone(), self.last_used.clone(), self.histogram.clone()
+        return LazyStats(lambda: usage_stats(step, last_used, histogram, self.window))
+
+
+def usage_stats(step: Tensor, last_used: Tensor, histogram: Tensor, window: int) -> dict[str, Tensor]:
+    # idle < window  <=>  last_used > step - window: one comparison pass over the codes instead of three.
+    live = (last_used > step - window).sum(-1, dtype=torch.int32)  # (n,), exact below 2^31
+    usage = live.float() / last_used.shape[-1]  # (n,)
+    probs = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
+    perplexity = torch.exp(entropy(probs))  # (n,)
+    mean_usage = usage.mean()
+    out = {"usage": mean_usage, "perplexity": perplexity.mean(), "dead_codes": 1.0 - mean_usage}
+    if usage.numel() > 1:
+        for i in range(usage.numel()):
+            out[f"usage/{i}"] = usage[i]
+            out[f"perplexity/{i}"] = perplexity[i]
+            out[f"dead_codes/{i}"] = 1.0 - usage[i]
+    return out
+
+
+class LazyStats(Mapping):
+    """A read-only dict of statistics computed on first access (then cached)."""
+
+    def __init__(self, compute: Callable[[], dict[str, Tensor]]):
+        self._compute = compute
+        self._values: dict[str, Tensor] | None = None
+
+    def _resolved(self) -> dict[str, Tensor]:
+        if self._values is None:
+            self._values = self._compute()
+        return self._values
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._resolved()[key]
+
+    def __iter__(self):
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+    def __repr__(self) -> str:
+        return repr(self._resolved())
 
 
 def flat_codes(indices: Tensor, num_codebooks: int, codebook_size: int) -> Tensor:

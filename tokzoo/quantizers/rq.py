@@ -9,11 +9,20 @@ depth that cannot shrink the residual leaves it unchanged: the quantization erro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from tokzoo.quantizers.base import QUANTIZERS, CodebookSet, Quantizer, QuantizerOutput, check_positive
+from tokzoo.quantizers.base import (
+    QUANTIZERS,
+    CodebookSet,
+    LazyStats,
+    Quantizer,
+    QuantizerOutput,
+    check_positive,
+)
 
 
 @QUANTIZERS.register("rq")
@@ -96,14 +105,18 @@ class ResidualQuantizer(Quantizer):
             stats=self._stats(),
         )
 
-    def _stats(self) -> dict[str, Tensor]:
+    def _stats(self) -> Mapping[str, Tensor]:
         if self.shared_codebook:
             return self.codebooks[0].tracker.stats()
         per_depth = [book.tracker.stats() for book in self.codebooks]
-        out = {key: torch.stack([s[key] for s in per_depth]).mean() for key in ("usage", "perplexity", "dead_codes")}
+        return LazyStats(lambda: self._combine(per_depth))
+
+    def _combine(self, per_depth: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        keys = ("usage", "perplexity", "dead_codes")
+        out = {key: torch.stack([s[key] for s in per_depth]).mean() for key in keys}
         if self.depth > 1:
             for d, s in enumerate(per_depth):
-                for key in ("usage", "perplexity", "dead_codes"):
+                for key in keys:
                     out[f"{key}/{d}"] = s[key]
         return out
 

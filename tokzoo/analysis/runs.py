@@ -221,7 +221,8 @@ def load_experiment(name: str, uri: str | None = None) -> ExperimentRuns:
         token = page.token
         if not token:
             break
-    records = [_record(run) for run in raw]
+    # A sweep's parent run (tag tokzoo.role=study) holds no training result: its trials are the rows.
+    records = [_record(run) for run in raw if run.data.tags.get("tokzoo.role") != "study"]
     skipped: dict[str, int] = {}
     latest: dict[str, RunRecord] = {}
     superseded = 0

@@ -122,18 +122,6 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-XFAIL_TRAINER_VALUE = pytest.mark.xfail(
-    strict=True,
-    reason="runner.check_variant only checks trainer key names; a bad trainer *value* (precision, accelerator, "
-    "devices) raises inside lightning.Trainer() -> exit 1 with a traceback",
-)
-XFAIL_DATASET_ARGUMENT = pytest.mark.xfail(
-    strict=True,
-    reason="runner.check_variant only looks the dataset name up; bad data.kwargs fail in DataModule.setup, after "
-    "an MLflow run was created (left FAILED)",
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
@@ -146,8 +134,8 @@ XFAIL_DATASET_ARGUMENT = pytest.mark.xfail(
         "missing_file",
         "unreachable_tracking",
         "bad_second_variant",
-        pytest.param("dataset_argument", marks=XFAIL_DATASET_ARGUMENT),
-        pytest.param("trainer_value", marks=XFAIL_TRAINER_VALUE),
+        "dataset_argument",
+        "trainer_value",
     ],
 )
 def test_bad_input_exits_2_with_one_readable_message(error_runs, name):
@@ -170,7 +158,6 @@ def test_bad_variant_fails_before_any_run_starts(error_runs):
     assert_no_runs(case.cwd)
 
 
-@XFAIL_DATASET_ARGUMENT
 def test_bad_dataset_argument_fails_before_any_run_starts(error_runs):
     case, proc = error_runs["dataset_argument"]
     assert proc.returncode == 2

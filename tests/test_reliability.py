@@ -383,7 +383,8 @@ def test_uninterrupted_runs_reproduce_exactly(scenarios, sig):
 
 
 XFAIL_RESUME_ORDER = pytest.mark.xfail(
-    strict=True,
+    # not strict: when the signal lands at an epoch boundary or between variants the metrics do match
+    strict=False,
     reason="the training data order is not restored on resume. TokzooDataModule's train DataLoader "
     "(shuffle=True) is not stateful, so Lightning restarts it at batch 0 after a mid-epoch checkpoint "
     "(warning 'your dataloader is not resumable'): resumed at step 2, steps 2-7 see epoch-0 batches 0-5 (0 "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -54,8 +55,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     load_variants(args.config, args.overrides)  # config errors surface before the heavy imports below
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from tokzoo.runner import SUMMARY_METRICS, fit
+    from tokzoo.runner import SUMMARY_METRICS, TRAINING, fit
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        # Inside Trainer.fit, Lightning checkpoints and stops at the end of the step; outside it (start-up,
+        # between variants, MLflow bookkeeping) there is nothing to save, so stop at once, cleanly.
+        if not TRAINING.is_set():
+            raise SIGTERMException()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         experiment, results = fit(args.config, args.overrides)
     except SIGTERMException:

@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from tokzoo.lit.module import TokenizerModule
 from tokzoo.model import UnifiedTokenizer
 from tokzoo.registry import check_kwargs
 from tokzoo.tracking import check_tracking, param_value, run_tags, tracking_uri
+
+# Set while Trainer.fit runs: there a SIGTERM is turned into a checkpoint and a clean stop by Lightning.
+TRAINING = threading.Event()
 
 SUMMARY_METRICS = (
     "val/psnr",
@@ -216,6 +220,7 @@ def fit_variant(
     if ckpt_path is not None:
         result.status = "resumed"
     start = time.perf_counter()
+    TRAINING.set()  # Lightning's own SIGTERM handling is active inside fit (see cli.cmd_fit)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except NonFiniteLossError as err:
@@ -225,6 +230,8 @@ def fit_variant(
             logger.experiment.set_tag(logger.run_id, "tokzoo.fail_reason", str(err)[:5000])
             result.run_id = logger.run_id
         return result
+    finally:
+        TRAINING.clear()
     result.seconds = time.perf_counter() - start
     trainer.save_checkpoint(last)  # the final state, whatever checkpoint_every was
 
@@ -252,7 +259,10 @@ def check_variant(variant: Variant) -> int:
         with quiet_lightning():
             L.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
-        raise ConfigError(f"trainer settings rejected by Lightning: {' '.join(str(err).split())}") from None
+        message = " ".join(str(err).split())
+        named = [f"trainer.{k}={kwargs[k]!r}" for k in config["trainer"] if k.replace("_", " ") in message.lower()]
+        where = f" ({', '.join(named)})" if named else ""
+        raise ConfigError(f"trainer settings rejected by Lightning{where}: {message}") from None
     data = config["data"]
     check_kwargs(
         DATASETS.get(data["name"]),

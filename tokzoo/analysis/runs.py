@@ -224,18 +224,20 @@ def load_experiment(name: str, uri: str | None = None) -> ExperimentRuns:
     # A sweep's parent run (tag tokzoo.role=study) holds no training result: its trials are the rows.
     records = [_record(run) for run in raw if run.data.tags.get("tokzoo.role") != "study"]
     skipped: dict[str, int] = {}
-    latest: dict[str, RunRecord] = {}
+    latest: dict[tuple[str, int | None], RunRecord] = {}
     superseded = 0
     for rec in records:
         if rec.status != "FINISHED":
             skipped[rec.status] = skipped.get(rec.status, 0) + 1
             continue
-        old = latest.get(rec.label)
+        # One run per (variant, seed): seeds may come from the ablation's `seeds:` or from a `seed=` override.
+        key = (rec.variant, rec.seed)
+        old = latest.get(key)
         if old is not None:
             superseded += 1
             if old.start_time >= rec.start_time:
                 continue
-        latest[rec.label] = rec
+        latest[key] = rec
     if not latest:
         states = ", ".join(f"{n} {s}" for s, n in sorted(skipped.items())) or "none"
         raise TokzooError(f"experiment '{name}' at {uri} has no finished run (runs: {states})")

@@ -574,6 +574,9 @@ def parent_run(uri: str, experiment: str, spec: SweepSpec, study: optuna.Study) 
     run = client.create_run(exp_id, run_name=f"study:{spec.name}", tags={
         "tokzoo.role": "study", "tokzoo.study": spec.name, "optuna.storage": spec.storage,
         "optuna.directions": ",".join(d.name.lower() for d in study.directions),
+        "tokzoo.objectives": json.dumps(
+            [{"metric": o["metric"], "direction": o["direction"]} for o in study.user_attrs.get(OBJECTIVES_ATTR, [])]
+        ),
     })  # fmt: skip
     client.log_param(run.info.run_id, "sweep.sampler", json.dumps(spec.sampler))
     client.log_param(

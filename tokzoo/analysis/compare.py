@@ -17,6 +17,7 @@ from rich.table import Table
 
 from tokzoo.analysis.runs import ExperimentRuns, RunRecord, load_experiment
 from tokzoo.analysis.stats import Summary, format_mean_ci, mean_ci
+from tokzoo.analysis.study import load_study_points, plot_study
 from tokzoo.errors import TokzooError
 
 FORMATS = ("table", "md", "csv")
@@ -241,6 +242,7 @@ def write_plots(experiment: ExperimentRuns, summaries: Sequence[VariantSummary],
     codebook_count.png   when every variant is quantized with one supervision and bits/token differ:
                          fidelity and accuracy vs log2 vocabulary
     codebook_usage.png   when per-sub-codebook usage was logged: heatmap variant x sub-codebook
+    study.png            for a sweep's experiment: objectives against each other (Pareto front) and vs parameters
     """
     from tokzoo.analysis import plots
 
@@ -256,6 +258,9 @@ def write_plots(experiment: ExperimentRuns, summaries: Sequence[VariantSummary],
         written.append(plots.save_figure(fig, out / filename))
 
     save(plots.plot_metric_grid(summaries, title=f"{name}: metrics per variant"), "metrics.png")
+    study = load_study_points(experiment.client, experiment.experiment_id)
+    if study is not None and study[1]:
+        save(plot_study(*study, title=f"study {name}"), "study.png")
     if any(k in s.stats for s in summaries for k in plots.UNDERSTANDING):
         save(plots.plot_roadmap(summaries, title=f"{name}: understanding per stage"), "understanding.png")
     if is_supervision_grid(summaries):

@@ -84,3 +84,16 @@ def yaml_file(tmp_path: Path) -> Callable[[str, dict], Path]:
 @pytest.fixture
 def tiny_ablation_file(tmp_path: Path) -> Path:
     return tiny_ablation(tmp_path)
+
+
+def run_two_rank_script(script: str | Path, out_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python SCRIPT OUT_DIR PORT` (a test file that spawns 2 gloo ranks itself) on a free loopback port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [sys.executable, str(script), str(out_dir), str(port)], env=env, capture_output=True, text=True, timeout=timeout
+    )

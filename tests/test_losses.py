@@ -4,8 +4,6 @@ Run as a script (`python tests/test_losses.py OUT_DIR PORT`) it is the 2-rank gl
 """
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 import torch.hub
 import torch.nn.functional as F
+from conftest import run_two_rank_script
 from torch import nn
 
 from tokzoo.errors import TokzooError
@@ -144,19 +143,7 @@ def test_perceptual_loss_with_weights():
 
 @pytest.mark.ddp
 def test_contrastive_loss_ddp_gathers_with_gradients(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path), str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_two_rank_script(__file__, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     img, txt = _ddp_data()

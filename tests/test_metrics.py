@@ -4,14 +4,13 @@ Run as a script (`python tests/test_metrics.py OUT_DIR PORT`) it is the 2-rank g
 """
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.hub
+from conftest import run_two_rank_script
 from torch import nn
 
 from tokzoo.metrics import CodebookUsage, FidelityMetrics, linear_probe_accuracy, zero_shot_accuracy
@@ -205,19 +204,7 @@ def test_linear_probe_inside_inference_mode():
 
 @pytest.mark.ddp
 def test_metrics_sync_across_two_ranks(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path), str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_two_rank_script(__file__, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 

@@ -11,6 +11,7 @@ ViTamin-L-style conv stem + 24 blocks of width 1024 at 256 px / patch 16; the de
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -52,8 +53,10 @@ def list_decoders() -> list[str]:
     return DECODERS.names()
 
 
-# Presets are plain functions whose defaults are the preset, so the registry's argument check
-# (unknown keyword -> ConfigError) and per-key overrides come for free.
+# A preset is the plain `vit` factory with different defaults (functools.partial keeps the signature, so the
+# registry's argument check and per-key overrides work the same for presets and for `vit`).
+TINY = {"image_size": 32, "patch_size": 4, "width": 128, "depth": 2, "heads": 4}
+LARGE_UNITOK = {"image_size": 256, "patch_size": 16, "width": 1024, "depth": 24, "heads": 16}
 
 
 @ENCODERS.register("vit")
@@ -65,34 +68,6 @@ def vit_encoder(
     heads: int,
     mlp_ratio: float = 4.0,
     conv_stem: bool = False,
-    grad_checkpointing: bool = False,
-) -> ViTEncoder:
-    return ViTEncoder(image_size, patch_size, width, depth, heads, mlp_ratio, conv_stem, grad_checkpointing)
-
-
-@ENCODERS.register("vit_tiny")
-def vit_tiny_encoder(
-    image_size: int = 32,
-    patch_size: int = 4,
-    width: int = 128,
-    depth: int = 2,
-    heads: int = 4,
-    mlp_ratio: float = 4.0,
-    conv_stem: bool = False,
-    grad_checkpointing: bool = False,
-) -> ViTEncoder:
-    return ViTEncoder(image_size, patch_size, width, depth, heads, mlp_ratio, conv_stem, grad_checkpointing)
-
-
-@ENCODERS.register("vit_large_unitok")
-def vit_large_unitok_encoder(
-    image_size: int = 256,
-    patch_size: int = 16,
-    width: int = 1024,
-    depth: int = 24,
-    heads: int = 16,
-    mlp_ratio: float = 4.0,
-    conv_stem: bool = True,
     grad_checkpointing: bool = False,
 ) -> ViTEncoder:
     return ViTEncoder(image_size, patch_size, width, depth, heads, mlp_ratio, conv_stem, grad_checkpointing)
@@ -111,27 +86,7 @@ def vit_decoder(
     return ViTDecoder(image_size, patch_size, width, depth, heads, mlp_ratio, grad_checkpointing)
 
 
-@DECODERS.register("vit_tiny")
-def vit_tiny_decoder(
-    image_size: int = 32,
-    patch_size: int = 4,
-    width: int = 128,
-    depth: int = 2,
-    heads: int = 4,
-    mlp_ratio: float = 4.0,
-    grad_checkpointing: bool = False,
-) -> ViTDecoder:
-    return ViTDecoder(image_size, patch_size, width, depth, heads, mlp_ratio, grad_checkpointing)
-
-
-@DECODERS.register("vit_large_unitok")
-def vit_large_unitok_decoder(
-    image_size: int = 256,
-    patch_size: int = 16,
-    width: int = 1024,
-    depth: int = 24,
-    heads: int = 16,
-    mlp_ratio: float = 4.0,
-    grad_checkpointing: bool = False,
-) -> ViTDecoder:
-    return ViTDecoder(image_size, patch_size, width, depth, heads, mlp_ratio, grad_checkpointing)
+ENCODERS.register("vit_tiny")(partial(vit_encoder, **TINY))
+ENCODERS.register("vit_large_unitok")(partial(vit_encoder, **LARGE_UNITOK, conv_stem=True))
+DECODERS.register("vit_tiny")(partial(vit_decoder, **TINY))
+DECODERS.register("vit_large_unitok")(partial(vit_decoder, **LARGE_UNITOK))

@@ -58,7 +58,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +65,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from _memory import cpu_step_peak_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -243,24 +243,7 @@ def peak_memory_bytes(runner: Runner, device: torch.device) -> int:
         runner.step()
         return torch.cuda.max_memory_allocated(device) - before
 
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        runner.step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    memory = sorted(
-        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
-        key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)),
-    )
-    if not memory:
-        return 0
-    # The running total counts what is still live from earlier profiling sessions in this process too; its
-    # value just before this step's first event is the baseline.
-    baseline = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in memory) - baseline
+    return cpu_step_peak_bytes(runner.step)
 
 
 def run_case(case: Case, tokens: int, device: torch.device, args: argparse.Namespace) -> dict:

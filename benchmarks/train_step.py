@@ -71,6 +71,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from _memory import cpu_step_peak_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -253,23 +254,8 @@ def peak_memory(run_step: Callable[[], Any], module: nn.Module, opt: torch.optim
         peak = torch.cuda.max_memory_allocated(device)
         return peak / MIB, (peak - before) / MIB
 
-    from torch.profiler import ProfilerActivity, profile
-
     before = state_bytes(module, opt)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    memory = sorted(
-        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
-        key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)),
-    )
-    if not memory:
-        return before / MIB, 0.0
-    baseline = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    step_peak = max(e["args"]["Total Allocated"] for e in memory) - baseline
+    step_peak = cpu_step_peak_bytes(run_step)
     return (before + step_peak) / MIB, step_peak / MIB
 
 

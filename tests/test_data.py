@@ -401,3 +401,66 @@ def test_datamodule_batches(tmp_path):
     assert [b["caption"] for b in val] == [b["caption"] for b in dm.val_dataloader()]  # deterministic
     with pytest.raises(ConfigError, match="batch_size"):
         TokzooDataModule("shapes", image_size=32, batch_size=0)
+
+
+# ---------------------------------------------------------------- resumable training order
+
+
+def test_resumable_sampler_continues_the_interrupted_epoch_and_leaves_the_global_rng_alone():
+    from tokzoo.lit.datamodule import ResumableSampler
+
+    data = list(range(50))
+
+    def epoch_order(epoch: int, **kw) -> list[int]:
+        sampler = ResumableSampler(data, seed=7, **kw)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    rng_before = torch.get_rng_state()
+    orders = [epoch_order(e) for e in range(3)]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # seed_everything on resume cannot change the order
+    assert all(sorted(o) == data for o in orders) and orders[0] != orders[1] != orders[2]
+    assert orders[1] == epoch_order(1)  # a function of (seed, epoch) only
+    assert orders[0] != list(ResumableSampler(data, seed=8))
+
+    resumed = ResumableSampler(data, seed=7)
+    resumed.resume_at(epoch=1, consumed=20)
+    assert list(resumed) == orders[1][20:]  # the rest of the interrupted epoch ...
+    assert list(resumed) == orders[1]  # ... once: a second pass over the same epoch is whole again
+    resumed.set_epoch(2)
+    assert list(resumed) == orders[2]
+
+    # two ranks split each epoch's permutation without overlap, and resume the same way
+    ranks = [epoch_order(1, rank=r, world_size=2) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == data
+    rank1 = ResumableSampler(data, seed=7, rank=1, world_size=2)
+    rank1.resume_at(epoch=1, consumed=5)
+    assert list(rank1) == ranks[1][5:]
+
+
+def test_datamodule_resumes_the_order_from_the_trainers_step(tmp_path):
+    """Lightning restores global_step before asking for the train loader: the loader continues with the batch
+    after the last one trained on, in the right epoch (10 batches per epoch here, resumed at step 13)."""
+    from types import SimpleNamespace
+
+    from tokzoo.lit.datamodule import TokzooDataModule
+
+    def batches(global_step: int) -> list[list[int]]:
+        dm = TokzooDataModule(
+            "shapes", image_size=32, batch_size=4, seed=3,
+            dataset_kwargs={"num_train": 40, "num_val": 4, "cache_dir": str(tmp_path)},
+        )  # fmt: skip
+        dm.trainer = SimpleNamespace(global_step=global_step, accumulate_grad_batches=1, global_rank=0, world_size=1)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        out = []
+        for epoch in (global_step // 10, global_step // 10 + 1):
+            loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
+            out += [b["image"].flatten(1)[:, :8].tolist() for b in loader]
+        return out
+
+    uninterrupted = batches(0)  # epochs 0 and 1
+    resumed = batches(13)  # the rest of epoch 1, then epoch 2
+    assert len(uninterrupted) == 20 and len(resumed) == 7 + 10
+    assert resumed[:7] == uninterrupted[13:]
+    assert resumed[7:] != uninterrupted[10:]  # epoch 2 is a new permutation, not a replay of epoch 1

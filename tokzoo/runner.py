@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ def build_datamodule(config: dict[str, Any]) -> TokzooDataModule:
         num_workers=data["num_workers"],
         val_batch_size=data["val_batch_size"],
         dataset_kwargs=data["kwargs"],
+        seed=config["seed"],
     )
 
 
@@ -222,7 +224,11 @@ def fit_variant(
     start = time.perf_counter()
     TRAINING.set()  # Lightning's own SIGTERM handling is active inside fit (see cli.cmd_fit)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        with warnings.catch_warnings():
+            # Lightning warns that a mid-epoch resume replays the epoch from its start; ours does not: the train
+            # sampler continues from the restored global_step (TokzooDataModule._train_sampler).
+            warnings.filterwarnings("ignore", message=".*checkpoint that ended before the epoch ended.*")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteLossError as err:
         # Lightning already marked the run failed and saved the last good state; record why and move on.
         result.status, result.error = "failed", str(err)

@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import lightning
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from tokzoo.data import build_dataset, collate_samples
 from tokzoo.errors import ConfigError
 
 # datasets whose first build does real work worth doing once, before the ranks start (cache, download)
 _PREPARE_ONCE = ("shapes", "cifar10", "cifar100")
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: one permutation per epoch drawn from (seed, epoch) alone, split across ranks, and
+    able to start an epoch part-way through, so a run resumed mid-epoch sees exactly the batches an
+    uninterrupted run would have seen next.
+
+    A DistributedSampler subclass because Lightning then leaves it in place under DDP (it only swaps in its
+    own sampler for plain Random/Sequential ones) and calls set_epoch on it each epoch. Unlike RandomSampler
+    it never touches the global RNG, which seed_everything resets on resume."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self._resume: tuple[int, int] | None = None  # (epoch, samples of that epoch already consumed)
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        self.set_epoch(epoch)
+        self._resume = (epoch, consumed) if consumed else None
+
+    def __iter__(self) -> Iterator[int]:
+        order = super().__iter__()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            consumed, self._resume = self._resume[1], None  # only the first pass over the resumed epoch skips
+            return itertools.islice(order, consumed, None)
+        return order
 
 
 class TokzooDataModule(lightning.LightningDataModule):
@@ -22,6 +50,7 @@ class TokzooDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         val_batch_size: int | None = None,
         dataset_kwargs: dict | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or 1)):
@@ -35,6 +64,7 @@ class TokzooDataModule(lightning.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.dataset_kwargs = dict(dataset_kwargs or {})
+        self.seed = seed
         self.train_set: torch.utils.data.Dataset | None = None
         self.val_set: torch.utils.data.Dataset | None = None
 
@@ -64,12 +94,25 @@ class TokzooDataModule(lightning.LightningDataModule):
         """The val set's zero-shot templates, each with one "{}" (None before setup())."""
         return getattr(self.val_set, "prompt_templates", None)
 
+    def _train_sampler(self) -> ResumableSampler:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(self.train_set, seed=self.seed, rank=rank, world_size=world_size)
+        if trainer is not None:
+            # Lightning restores global_step before it asks for the loader: continue from the batch after the
+            # last one trained on (one optimizer step per accumulate_grad_batches batches).
+            batches_done = trainer.global_step * trainer.accumulate_grad_batches
+            per_epoch = len(sampler) // self.batch_size
+            if per_epoch:
+                sampler.resume_at(batches_done // per_epoch, (batches_done % per_epoch) * self.batch_size)
+        return sampler
+
     def _loader(self, dataset: torch.utils.data.Dataset, batch_size: int, train: bool) -> DataLoader:
         iterable = isinstance(dataset, IterableDataset)  # shuffles and splits itself across ranks/workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and not iterable,
+            sampler=self._train_sampler() if train and not iterable else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -59,11 +59,26 @@ def test_collate_drops_none_and_counts_them():
 
 
 def test_shapes_generator_is_deterministic_in_seed():
-    a_img, a_cap, a_lab = shapes_mod.generate_shapes(40, 32, seed=7)
-    b_img, b_cap, b_lab = shapes_mod.generate_shapes(40, 32, seed=7)
-    c_img, c_cap, _ = shapes_mod.generate_shapes(40, 32, seed=8)
-    assert np.array_equal(a_img, b_img) and a_cap == b_cap and np.array_equal(a_lab, b_lab)
-    assert not np.array_equal(a_img, c_img) and a_cap != c_cap
+    a_img, a_att = shapes_mod.generate_shapes(40, 32, seed=7)
+    b_img, b_att = shapes_mod.generate_shapes(40, 32, seed=7)
+    c_img, c_att = shapes_mod.generate_shapes(40, 32, seed=8)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_att, b_att)
+    assert not np.array_equal(a_img, c_img) and not np.array_equal(a_att, c_att)
+
+
+def test_shapes_caption_styles_name_the_shape_and_say_what_they_promise(tmp_path):
+    full, obj, shape = (_shapes(tmp_path, captions=style) for style in ("full", "object", "shape"))
+    assert torch.equal(full.images, obj.images) and full.labels == obj.labels == shape.labels  # same cache
+    for i, label in enumerate(full.labels):
+        name = full.class_names[label]
+        color = obj.captions[i].split()[1]
+        assert shape.captions[i] == f"a {name}" and obj.captions[i] == f"a {color} {name}"
+        assert color in shapes_mod.COLORS and f"{color} {name}" in full.captions[i]
+    # prompts follow the caption style: ensembled over colours for `object`
+    assert obj.prompt_templates == [f"a {c} {{}}" for c in shapes_mod.COLORS] and shape.prompt_templates == ["a {}"]
+    assert full.prompt_templates == shapes_mod.SHAPE_TEMPLATES
+    with pytest.raises(ConfigError, match="captions must be one of"):
+        _shapes(tmp_path, captions="long")
 
 
 def test_shapes_items_range_shape_and_captions(tmp_path):
@@ -106,7 +121,7 @@ def test_shapes_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     first = _shapes(tmp_path)
     files = list((tmp_path / "c" / "shapes").iterdir())
     assert [f.suffix for f in files] == [".npz"]  # no tmp files left behind
-    assert "v1" in files[0].name and "n48" in files[0].name and "px32" in files[0].name
+    assert f"v{shapes_mod.GENERATOR_VERSION}_" in files[0].name and "n48" in files[0].name and "px32" in files[0].name
     mtime = files[0].stat().st_mtime_ns
 
     def fail(*args, **kwargs):

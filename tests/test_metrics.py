@@ -13,7 +13,13 @@ import torch.hub
 from conftest import run_two_rank_script
 from torch import nn
 
-from tokzoo.metrics import CodebookUsage, FidelityMetrics, linear_probe_accuracy, zero_shot_accuracy
+from tokzoo.metrics import (
+    CodebookUsage,
+    FidelityMetrics,
+    linear_probe_accuracy,
+    retrieval_recall_at_1,
+    zero_shot_accuracy,
+)
 from tokzoo.weights import weights_available
 
 WORLD = 2
@@ -168,6 +174,25 @@ def test_zero_shot_accuracy_on_constructed_embeddings():
     half = labels.clone()
     half[:10] = (half[:10] + 1) % 5
     assert zero_shot_accuracy(images, half, classes) == pytest.approx(0.5)
+
+
+def test_retrieval_recall_counts_both_directions_and_identical_captions():
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(8, 16, generator=g)
+    ids = torch.arange(8)
+    images = 2.0 * text + 0.05 * torch.randn(8, 16, generator=g)
+    assert retrieval_recall_at_1(images, text, ids) == 1.0
+    # images 0 and 1 swapped: both directions miss on those two pairs -> 6/8 each way
+    swapped = images[[1, 0, 2, 3, 4, 5, 6, 7]]
+    assert retrieval_recall_at_1(swapped, text, ids) == pytest.approx(0.75)
+    # ... unless pairs 0 and 1 have the same caption: then either copy is a correct answer
+    assert retrieval_recall_at_1(swapped, text, torch.tensor([0, 0, 2, 3, 4, 5, 6, 7])) == 1.0
+    # one direction only: every image sits on text 0, so image->text is right for pair 0 alone (1/8) while
+    # text->image still finds each pair's own image (each image keeps a trace of its own text)
+    crowded = 5.0 * text[0] + 0.5 * text
+    assert retrieval_recall_at_1(crowded, text, ids) == pytest.approx((1 / 8 + 1.0) / 2)
+    with pytest.raises(ValueError, match="matching rows"):
+        retrieval_recall_at_1(images, text[:4], ids)
 
 
 def _blobs(seed: int, n: int, dim: int = 16, classes: int = 4):

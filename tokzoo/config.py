@@ -153,7 +153,7 @@ def validate(cfg: dict[str, Any]) -> None:
     _expect(cfg, "data.name", str)
     _expect(cfg, "data.batch_size", int, minimum=1)
     _expect(cfg, "data.num_workers", int, minimum=0)
-    for key in ("zero_shot", "linear_probe", "lpips", "rfid"):
+    for key in ("zero_shot", "retrieval", "linear_probe", "lpips", "rfid"):
         _expect(cfg, f"eval.{key}", bool)
     _expect(cfg, "eval.grid_images", int, minimum=0)
     _expect(cfg, "trainer.max_steps", int, minimum=1)

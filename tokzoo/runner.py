@@ -43,6 +43,7 @@ SUMMARY_METRICS = (
     "val/lpips",
     "val/rfid",
     "val/zeroshot_acc",
+    "val/retrieval_r1",
     "val/linprobe_acc",
     "val/codebook_usage",
     "val/perplexity",

@@ -349,6 +349,8 @@ def metric_absence(metric: str, config: dict[str, Any]) -> str | None:
         return "supervision=contra trains no decoder"
     if metric == "val/zeroshot_acc" and (supervision == "recon" or not config["eval"]["zero_shot"]):
         return "no text tower (supervision=recon) or eval.zero_shot=false"
+    if metric == "val/retrieval_r1" and (supervision == "recon" or not config["eval"]["retrieval"]):
+        return "no text tower (supervision=recon) or eval.retrieval=false"
     weights = {"val/rfid": ("rfid", "inception_fid"), "val/lpips": ("lpips", "lpips_vgg")}
     if metric in weights:
         flag, name = weights[metric]

@@ -38,6 +38,7 @@ COLUMNS = (
     Column("val/lpips", "LPIPS", "val/lpips"),
     Column("val/rfid", "rFID", "val/rfid"),
     Column("val/zeroshot_acc", "zero-shot acc", "val/zeroshot_acc"),
+    Column("val/retrieval_r1", "retrieval R@1", "val/retrieval_r1"),
     Column("val/linprobe_acc", "lin. probe acc", "val/linprobe_acc"),
     Column("val/codebook_usage", "codebook usage", "val/codebook_usage"),
     Column("val/perplexity", "perplexity", "val/perplexity"),

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tokzoo.analysis.compare import VariantSummary
 
 Series = list[tuple[int, float]]
-UNDERSTANDING = ("val/zeroshot_acc", "val/linprobe_acc")
+UNDERSTANDING = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc")
 FIDELITY = ("val/psnr", "val/rfid")
 GRID_METRICS = (
     "val/psnr",
@@ -35,6 +35,7 @@ GRID_METRICS = (
     "val/lpips",
     "val/rfid",
     "val/zeroshot_acc",
+    "val/retrieval_r1",
     "val/linprobe_acc",
     "val/codebook_usage",
     "val/perplexity",
@@ -50,6 +51,7 @@ METRICS: dict[str, tuple[str, float, bool]] = {
     "val/lpips": ("LPIPS (lower is better)", 1.0, False),
     "val/rfid": ("rFID (lower is better)", 1.0, False),
     "val/zeroshot_acc": ("zero-shot accuracy (%)", 100.0, True),
+    "val/retrieval_r1": ("image-text retrieval R@1 (%)", 100.0, True),
     "val/linprobe_acc": ("linear-probe accuracy (%)", 100.0, True),
     "val/codebook_usage": ("codebook usage (% of entries)", 100.0, True),
     "val/perplexity": ("code perplexity (codes)", 1.0, True),
@@ -60,6 +62,7 @@ METRICS: dict[str, tuple[str, float, bool]] = {
 }
 SHORT = {
     "val/zeroshot_acc": "zero-shot",
+    "val/retrieval_r1": "retrieval R@1",
     "val/linprobe_acc": "linear probe",
     "val/psnr": "PSNR",
     "val/ssim": "SSIM",
@@ -219,7 +222,7 @@ def capacity_label(summary: VariantSummary) -> str:
 
 def plot_loss_conflict(
     summaries: Sequence[VariantSummary],
-    metrics: Sequence[str] = ("val/zeroshot_acc", "val/linprobe_acc", "val/psnr"),
+    metrics: Sequence[str] = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc", "val/psnr"),
     title: str | None = None,
 ) -> Figure:
     """Grouped bars: supervision (recon / contra / both) on x, one bar per capacity; one panel per metric."""

@@ -3,6 +3,7 @@ components compute."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,13 @@ from torch import Tensor
 
 from tokzoo.errors import NonFiniteLossError
 from tokzoo.losses.objective import TokenizerObjective, gradient_conflict
-from tokzoo.metrics import CodebookUsage, FidelityMetrics, linear_probe_accuracy, zero_shot_accuracy
+from tokzoo.metrics import (
+    CodebookUsage,
+    FidelityMetrics,
+    linear_probe_accuracy,
+    retrieval_recall_at_1,
+    zero_shot_accuracy,
+)
 from tokzoo.model import UnifiedTokenizer
 
 
@@ -31,6 +38,12 @@ def gather_rows(t: Tensor) -> Tensor:
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def caption_ids(captions: list[str], device: torch.device) -> Tensor:
+    """A stable 63-bit id per caption string (identical captions share one), so they can be gathered across ranks."""
+    digest = lambda c: int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") >> 1
+    return torch.tensor([digest(c) for c in captions], dtype=torch.int64, device=device)
 
 
 def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
@@ -125,7 +138,7 @@ class TokenizerModule(L.LightningModule):
 
     # ---- validation ------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val = {"image_emb": [], "codes": [], "labels": []}
+        self._val = {"image_emb": [], "text_emb": [], "caption_ids": [], "codes": [], "labels": []}
         if self.fidelity is not None:
             self.fidelity.reset()
         if self.codebook_usage is not None:
@@ -144,6 +157,9 @@ class TokenizerModule(L.LightningModule):
         self._val["labels"].append(batch["label"])
         if out.image_emb is not None:
             self._val["image_emb"].append(out.image_emb.float())
+            if self.config["eval"]["retrieval"]:
+                self._val["text_emb"].append(self.model.encode_text(batch["caption"]).float())
+                self._val["caption_ids"].append(caption_ids(batch["caption"], images.device))
 
     def on_validation_epoch_end(self) -> None:
         metrics: dict[str, float] = {}
@@ -153,6 +169,12 @@ class TokenizerModule(L.LightningModule):
         if self.codebook_usage is not None:
             metrics.update(self.codebook_usage.compute())
             metrics["bits_per_token"] = self.model.quantizer.bits_per_token
+        if self._val["text_emb"]:
+            metrics["retrieval_r1"] = retrieval_recall_at_1(
+                gather_rows(torch.cat(self._val["image_emb"])),
+                gather_rows(torch.cat(self._val["text_emb"])),
+                gather_rows(torch.cat(self._val["caption_ids"])),
+            )
         labels = gather_rows(torch.cat(self._val["labels"])) if self._val["labels"] else None
         if labels is not None and bool((labels >= 0).all()) and labels.numel() >= 4:
             cfg = self.config["eval"]

@@ -1,4 +1,5 @@
-"""Understanding without an LLM: zero-shot classification and a linear probe on (quantized) features."""
+"""Understanding without an LLM: zero-shot classification, image-text retrieval and a linear probe on (quantized)
+features."""
 
 from __future__ import annotations
 
@@ -19,6 +20,27 @@ def zero_shot_accuracy(image_emb: Tensor, labels: Tensor, class_text_emb: Tensor
         logits = 100.0 * F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_text_emb.float(), dim=-1).t()
         pred = logits.argmax(dim=-1)
         return float((pred == labels.to(pred.device)).float().mean())
+
+
+def retrieval_recall_at_1(image_emb: Tensor, text_emb: Tensor, caption_ids: Tensor) -> float:
+    """Image-text retrieval over a set of N pairs: the mean of image->text and text->image recall@1.
+
+    image_emb, text_emb: (N, D), row i of each is one pair; caption_ids: (N,) int, equal for identical captions,
+    so retrieving another image's copy of the same caption (or an image whose caption is the query's) counts
+    as correct. Chance is about 1/N for distinct captions. This is the understanding signal a CLIP-style model
+    shows first: alignment of whatever the captions describe, before any class-level abstraction.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.shape[0] != caption_ids.shape[0]:
+        raise ValueError(
+            f"retrieval needs matching rows: image_emb {tuple(image_emb.shape)}, text_emb {tuple(text_emb.shape)}, "
+            f"caption_ids {tuple(caption_ids.shape)}"
+        )
+    with torch.no_grad():
+        sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()  # (images, texts)
+        ids = caption_ids.to(sim.device)
+        image_to_text = ids[sim.argmax(dim=1)] == ids
+        text_to_image = ids[sim.argmax(dim=0)] == ids
+        return float((image_to_text.float().mean() + text_to_image.float().mean()) / 2)
 
 
 def linear_probe_accuracy(

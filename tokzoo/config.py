@@ -150,6 +150,7 @@ def validate(cfg: dict[str, Any]) -> None:
         _expect(cfg, f"optim.{key}", float, minimum=0.0)
     _expect(cfg, "optim.warmup_steps", int, minimum=0)
     _expect(cfg, "optim.codebook_weight_decay", bool)
+    _expect(cfg, "compile", bool)
     _expect(cfg, "data.name", str)
     _expect(cfg, "data.batch_size", int, minimum=1)
     _expect(cfg, "data.num_workers", int, minimum=0)

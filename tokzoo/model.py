@@ -1,4 +1,4 @@
-"""The unified tokenizer as a plain nn.Module, composed from registry names:
+r"""The unified tokenizer as a plain nn.Module, composed from registry names:
 
     images -> encoder -> factorization down -> quantizer -> factorization up -> decoder -> reconstruction
                                                                       \-> mean over tokens -> LN -> Linear -> l2

@@ -80,9 +80,16 @@ class TokenizerModule(L.LightningModule):
             self.absent.update({f"val/{k}": reason for k in ("psnr", "ssim", "lpips", "rfid")})
         if self.model.text_tower is None:
             self.absent["val/zeroshot_acc"] = "supervision=recon trains no text tower"
+            self.absent["val/retrieval_r1"] = "supervision=recon trains no text tower"
         if not sizes:
             reason = "quantizer 'none' is continuous"
             self.absent.update({f"val/{k}": reason for k in ("codebook_usage", "perplexity", "dead_codes")})
+        if config["compile"]:
+            # In place (nn.Module.compile): parameter names and checkpoints stay the same as uncompiled. The
+            # quantizer stays eager: its host-side bookkeeping and data-dependent updates would break graphs.
+            for part in (self.model.encoder, self.model.decoder, self.model.text_tower):
+                if part is not None:
+                    part.compile()
         self.class_names: list[str] | None = None
         self.prompt_templates: list[str] = ["a photo of a {}."]
         self.grid_path: Path | None = None  # where validation writes originals vs reconstructions

@@ -175,3 +175,23 @@ def test_tower_under_bf16_autocast_stays_causal(tok):
         out, out_after = tower(ids), tower(after)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert torch.equal(out, out_after)
+
+
+def test_encode_text_trims_padding_without_changing_embeddings(monkeypatch):
+    """UnifiedTokenizer.encode_text feeds the tower only up to the batch's longest caption; the embeddings are
+    those of the full context length (causal tower, EOT pooling)."""
+    from tokzoo.config import defaults, resolve
+    from tokzoo.model import UnifiedTokenizer
+
+    torch.manual_seed(0)
+    model = UnifiedTokenizer(resolve(defaults())["model"]).eval()
+    captions = ["a red star", "a large blue ring in the top left on a striped green background"]
+    lengths = []
+    forward = model.text_tower.forward
+    monkeypatch.setattr(model.text_tower, "forward", lambda ids: lengths.append(ids.shape[1]) or forward(ids))
+    with torch.no_grad():
+        trimmed = model.encode_text(captions)
+        full = torch.nn.functional.normalize(model.text_tower(model.tokenizer(captions)), dim=-1)
+    longest = int((model.tokenizer(captions) != 0).sum(1).max())
+    assert lengths[0] == longest < model.tokenizer.context_length
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)

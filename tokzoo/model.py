@@ -90,8 +90,13 @@ class UnifiedTokenizer(nn.Module):
         return TokenizerOutput(recon=recon, quant=quant, pooled_codes=quant.z_q.mean(dim=1), image_emb=image_emb)
 
     def encode_text(self, captions: list[str]) -> Tensor:
-        device = self.logit_scale.device
-        return F.normalize(self.text_tower(self.tokenizer(captions).to(device)), dim=-1)
+        ids = self.tokenizer(captions)
+        # Drop the padding columns after the batch's longest caption (short captions would otherwise pay for the
+        # whole context length). Exact: the tower is causal and pools at EOT, so nothing after a caption's EOT
+        # reaches its embedding. Decided on the CPU ids, before the copy to the device: no sync.
+        longest = int((ids != self.tokenizer.pad_id).sum(dim=1).max()) if ids.numel() else 1
+        ids = ids[:, : max(longest, 1)]
+        return F.normalize(self.text_tower(ids.to(self.logit_scale.device)), dim=-1)
 
     def logit_scale_value(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)

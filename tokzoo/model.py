@@ -93,9 +93,10 @@ class UnifiedTokenizer(nn.Module):
         ids = self.tokenizer(captions)
         # Drop the padding columns after the batch's longest caption (short captions would otherwise pay for the
         # whole context length). Exact: the tower is causal and pools at EOT, so nothing after a caption's EOT
-        # reaches its embedding. Decided on the CPU ids, before the copy to the device: no sync.
+        # reaches its embedding. Decided on the CPU ids, before the copy to the device: no sync. Rounded up to a
+        # multiple of 8 so that a compiled tower sees a handful of shapes, not one per caption length.
         longest = int((ids != self.tokenizer.pad_id).sum(dim=1).max()) if ids.numel() else 1
-        ids = ids[:, : max(longest, 1)]
+        ids = ids[:, : min(-(-max(longest, 1) // 8) * 8, ids.shape[1])]
         return F.normalize(self.text_tower(ids.to(self.logit_scale.device)), dim=-1)
 
     def logit_scale_value(self) -> Tensor:

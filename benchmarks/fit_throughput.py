@@ -9,10 +9,12 @@ first one.
     python benchmarks/fit_throughput.py --baseline 0e3ea07            # first tokzoo fit vs now (default config)
     python benchmarks/fit_throughput.py --cases current compile        # torch.compile off vs on
     python benchmarks/fit_throughput.py --cases current ddp2 --steps 100   # 1 process vs 2 gloo ranks (CPU)
+    python benchmarks/fit_throughput.py --cases current gradcos            # gradient-cosine logging every 10 steps
 
 Cases: `baseline` (the commit given by --baseline, checked out with `git worktree` into a temporary folder and run
 from there), `current` (this tree), `compile` (this tree, compile=true), `ddp2` (this tree,
-trainer.devices=2 trainer.strategy=ddp; on CPU each rank gets cores / 2 threads, and images/s counts both ranks).
+trainer.devices=2 trainer.strategy=ddp; on CPU each rank gets cores / 2 threads, and images/s counts both ranks),
+`gradcos` (this tree, loss.grad_cos_every=10: the cost of measuring the gradient conflict).
 Extra arguments are dot-list overrides for every case (e.g. data.batch_size=32).
 """
 
@@ -38,6 +40,7 @@ def case_overrides(case: str) -> list[str]:
     return {
         "compile": ["compile=true"],
         "ddp2": ["trainer.devices=2", "trainer.strategy=ddp"],
+        "gradcos": ["loss.grad_cos_every=10"],
     }.get(case, [])
 
 
@@ -71,7 +74,7 @@ def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", nargs="+", default=None, choices=("baseline", "current", "compile", "ddp2"))
+    p.add_argument("--cases", nargs="+", default=None, choices=("baseline", "current", "compile", "ddp2", "gradcos"))
     p.add_argument("--baseline", default=None, help="git commit for the `baseline` case")
     p.add_argument("--steps", type=int, default=200, help="trainer.max_steps of every run")
     p.add_argument("--repeats", type=int, default=2)

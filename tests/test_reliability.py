@@ -555,3 +555,39 @@ def test_full_disk_fails_before_training(tmp_path, tracking_uri, monkeypatch):
         runner.fit(str(path), [])
     assert not list(out.rglob("*.ckpt"))
     assert runs_by_variant(tmp_path) == {}
+
+
+# ---------------------------------------------------------------- 8. nothing written outside the configured places
+
+
+def test_a_fit_writes_only_to_output_dir_tracking_store_and_data_cache(tmp_path):
+    """The working directory stays empty: checkpoints and grids go to output_dir, runs and artifacts next to the
+    SQLite store (not MLflow's default ./mlruns), the generated dataset to TOKZOO_CACHE."""
+    places = {name: tmp_path / name for name in ("work", "home", "out", "track", "cache", "configs")}
+    for folder in places.values():
+        folder.mkdir()
+    config = write_yaml(
+        places["configs"] / "one.yaml",
+        {"name": "one", "base": {**TINY_BASE, "output_dir": str(places["out"])}, "variants": {"a": {}}},
+    )
+    before = {p for p in places["configs"].rglob("*")}
+    proc = run_tokzoo(
+        ["fit", str(config)],
+        cwd=places["work"],
+        env={
+            "MLFLOW_TRACKING_URI": sqlite_uri(places["track"]),
+            "TOKZOO_CACHE": str(places["cache"]),
+            "HOME": str(places["home"]),
+            "XDG_CACHE_HOME": str(places["home"] / ".cache"),
+        },
+    )
+    assert proc.returncode == 0, report(proc)
+    assert sorted(tmp_path.iterdir()) == sorted(places.values())  # nothing new beside the places
+    assert list(places["work"].iterdir()) == [], list(places["work"].rglob("*"))
+    assert {p for p in places["configs"].rglob("*")} == before
+    assert any(places["out"].rglob("*.ckpt")) and any(places["cache"].rglob("*.npz"))
+    tracked = {p.name for p in places["track"].iterdir()}
+    assert tracked == {"mlflow.db", "mlartifacts"}, tracked
+    assert any(places["track"].rglob("recon_grid.png"))  # the run's artifact, next to its database
+    # HOME may hold library caches (matplotlib, torch) but no tokzoo data
+    assert not [p for p in places["home"].rglob("*") if p.suffix in (".ckpt", ".npz", ".db")]

@@ -32,7 +32,7 @@ from tokzoo.lit.datamodule import TokzooDataModule
 from tokzoo.lit.module import TokenizerModule
 from tokzoo.model import UnifiedTokenizer
 from tokzoo.registry import check_kwargs
-from tokzoo.tracking import check_tracking, param_value, run_tags, tracking_uri
+from tokzoo.tracking import artifact_location, check_tracking, param_value, run_tags, tracking_uri
 
 # Set while Trainer.fit runs: there a SIGTERM is turned into a checkpoint and a clean stop by Lightning.
 TRAINING = threading.Event()
@@ -193,6 +193,7 @@ def fit_variant(
         experiment_name=experiment,
         run_name=variant.name,
         tracking_uri=uri,
+        artifact_location=artifact_location(uri),
         run_id=run_id,
         tags=None
         if run_id

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tokzoo.config import defaults, flatten, load_variants, load_yaml, merge, parse_overrides, resolve
 from tokzoo.errors import ConfigError
+from tokzoo.tracking import artifact_location
 
 SWEEP_KEYS = {
     "name", "description", "base", "ablation", "variant", "space", "objectives", "sampler", "pruner",
@@ -572,7 +573,7 @@ def parent_run(uri: str, experiment: str, spec: SweepSpec, study: optuna.Study) 
             client.update_run(run_id, status="RUNNING")
             return run_id
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location(uri))
     run = client.create_run(exp_id, run_name=f"study:{spec.name}", tags={
         "tokzoo.role": "study", "tokzoo.study": spec.name, "optuna.storage": spec.storage,
         "optuna.directions": ",".join(d.name.lower() for d in study.directions),

@@ -24,6 +24,16 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite database (`<db folder>/mlartifacts`), so that a
+    run writes nothing into the working directory (MLflow's own default there is ./mlruns). None for servers,
+    which choose their artifact store themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :]).expanduser()
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
 def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any training, when runs could not be recorded."""
     if uri.startswith("sqlite:///"):

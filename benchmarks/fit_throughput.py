@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "baseline" in cases:
             tree = workdir / "baseline-src"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.baseline],
-                           check=True, capture_output=True)  # fmt: skip
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.baseline],
+                check=True,
+                capture_output=True,
+            )
             sources["baseline"] = tree
         load_before = os.getloadavg()
         results: dict[str, list[dict]] = {case: [] for case in cases}
@@ -99,33 +102,54 @@ def main(argv: list[str] | None = None) -> int:
             for case in cases if repeat % 2 == 0 else reversed(cases):
                 result = run_case(case, sources[case], args.steps, args.overrides, workdir)
                 results[case].append(result)
-                print(f"{case:>9} repeat {repeat}: {result['images_per_sec']:7.1f} images/s, "
-                      f"fit {result['fit_seconds']:6.1f} s, process {result['process_seconds']:6.1f} s", flush=True)  # fmt: skip
+                print(
+                    f"{case:>9} repeat {repeat}: {result['images_per_sec']:7.1f} images/s, "
+                    f"fit {result['fit_seconds']:6.1f} s, process {result['process_seconds']:6.1f} s",
+                    flush=True,
+                )
         load_after = os.getloadavg()
     finally:
         if "baseline" in cases:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(workdir / "baseline-src")],
-                           capture_output=True)  # fmt: skip
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(workdir / "baseline-src")],
+                capture_output=True,
+            )
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {
         case: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for case, runs in results.items()
     }
     first = summary[cases[0]]
-    print(f"\nmedians over {args.repeats} repeats, {args.steps} steps, overrides {args.overrides or 'none'}; "
-          f"ratios vs {cases[0]}")  # fmt: skip
+    print(
+        f"\nmedians over {args.repeats} repeats, {args.steps} steps, overrides {args.overrides or 'none'}; "
+        f"ratios vs {cases[0]}"
+    )
     print(f"{'case':>9} {'images/s':>9} {'ratio':>6} {'fit s':>7} {'ratio':>6} {'process s':>10}")
     for case, s in summary.items():
-        print(f"{case:>9} {s['images_per_sec']:9.1f} {s['images_per_sec'] / first['images_per_sec']:6.2f} "
-              f"{s['fit_seconds']:7.1f} {s['fit_seconds'] / first['fit_seconds']:6.2f} {s['process_seconds']:10.1f}")  # fmt: skip
+        print(
+            f"{case:>9} {s['images_per_sec']:9.1f} {s['images_per_sec'] / first['images_per_sec']:6.2f} "
+            f"{s['fit_seconds']:7.1f} {s['fit_seconds'] / first['fit_seconds']:6.2f} {s['process_seconds']:10.1f}"
+        )
     import torch
 
     machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "load_before": load_before, "load_after": load_after}
-    print(f"{machine['cpus']} CPUs | torch {machine['torch']} | load average before / after: "
-          f"{[round(x, 2) for x in load_before]} / {[round(x, 2) for x in load_after]}")  # fmt: skip
+    print(
+        f"{machine['cpus']} CPUs | torch {machine['torch']} | load average before / after: "
+        f"{[round(x, 2) for x in load_before]} / {[round(x, 2) for x in load_after]}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "cases": results,
-                                         "summary": summary, "baseline": args.baseline, "machine": machine}, indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"json": str(args.json)},
+                    "cases": results,
+                    "summary": summary,
+                    "baseline": args.baseline,
+                    "machine": machine,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

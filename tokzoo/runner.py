@@ -32,23 +32,19 @@ from tokzoo.lit.datamodule import TokzooDataModule
 from tokzoo.lit.module import TokenizerModule
 from tokzoo.model import UnifiedTokenizer
 from tokzoo.registry import check_kwargs
-from tokzoo.tracking import artifact_location, check_tracking, param_value, run_tags, tracking_uri
+from tokzoo.tracking import (
+    VALIDATION_METRICS,
+    artifact_location,
+    check_tracking,
+    param_value,
+    run_tags,
+    tracking_uri,
+)
 
 # Set while Trainer.fit runs: there a SIGTERM is turned into a checkpoint and a clean stop by Lightning.
 TRAINING = threading.Event()
 
-SUMMARY_METRICS = (
-    "val/psnr",
-    "val/ssim",
-    "val/lpips",
-    "val/rfid",
-    "val/zeroshot_acc",
-    "val/retrieval_r1",
-    "val/linprobe_acc",
-    "val/codebook_usage",
-    "val/perplexity",
-    "perf/images_per_sec",
-)
+SUMMARY_METRICS = (*VALIDATION_METRICS, "perf/images_per_sec")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from tokzoo.analysis.stats import Summary, mean_ci
+from tokzoo.tracking import VALIDATION_METRICS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -29,18 +30,7 @@ if TYPE_CHECKING:
 Series = list[tuple[int, float]]
 UNDERSTANDING = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc")
 FIDELITY = ("val/psnr", "val/rfid")
-GRID_METRICS = (
-    "val/psnr",
-    "val/ssim",
-    "val/lpips",
-    "val/rfid",
-    "val/zeroshot_acc",
-    "val/retrieval_r1",
-    "val/linprobe_acc",
-    "val/codebook_usage",
-    "val/perplexity",
-    "train/grad_cos_recon_contra:mean_over_steps",
-)
+GRID_METRICS = (*VALIDATION_METRICS, "train/grad_cos_recon_contra:mean_over_steps")
 SUPERVISION_ORDER = ("recon", "contra", "both")
 USAGE = re.compile(r"^val/codebook_usage/(\d+)$")
 
@@ -91,6 +81,11 @@ def _colors(n: int) -> list:
 
 def _err(s: Summary | None) -> float:
     return 0.0 if s is None or not math.isfinite(s.ci) else s.ci
+
+
+def _grouped_bar(ax: Axes, x: float, st: Summary, width: float, color: object, label: str | None) -> None:
+    """One bar of a grouped bar chart: mean with its 95% CI as the error bar."""
+    ax.bar(x, st.mean, width, yerr=_err(st), capsize=3, color=color, edgecolor="black", linewidth=0.5, label=label)
 
 
 def _seeds_note(summaries: Sequence[VariantSummary]) -> str:
@@ -178,17 +173,7 @@ def plot_roadmap(
             if st is None:
                 _missing(ax, i + offset)
                 continue
-            ax.bar(
-                i + offset,
-                st.mean,
-                width,
-                yerr=_err(st),
-                capsize=3,
-                color=color,
-                edgecolor="black",
-                linewidth=0.5,
-                label=label,
-            )
+            _grouped_bar(ax, i + offset, st, width, color, label)
             label = None
         base = scaled(summaries[0].stats.get(key), key) if summaries else None
         if base is not None:
@@ -254,17 +239,7 @@ def plot_loss_conflict(
                     if any(cell.get((sup, c)) and cell[(sup, c)].stats.get(key) for c in caps):
                         _missing(ax, i + offset)
                     continue
-                ax.bar(
-                    i + offset,
-                    st.mean,
-                    width,
-                    yerr=_err(st),
-                    capsize=3,
-                    color=colors[j],
-                    edgecolor="black",
-                    linewidth=0.5,
-                    label=cap,
-                )
+                _grouped_bar(ax, i + offset, st, width, colors[j], cap)
         ax.set_xticks(np.arange(len(order)), order)
         ax.set_xlim(-0.6, len(order) - 0.4)
         ax.set_xlabel("supervision")

@@ -76,6 +76,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from tokzoo.allocator import tune_host_allocator
 from tokzoo.config import DEFAULTS_PATH, load_variants
 from tokzoo.errors import ConfigError, TokzooError
 from tokzoo.lit.module import TokenizerModule
@@ -189,6 +190,7 @@ def train_step(
     timer.reset()
     sync(device)
     timer.active = True
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     with autocast(module.config, device):
         out = module.model(images)
@@ -208,6 +210,7 @@ def train_step(
     result = dict(timer.seconds)
     result["forward_other"] = (t1 - t0) - sum(result.values())
     result.update(backward=t2 - t1, optimizer=t3 - t2, step=t3 - t0)
+    result["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     return result
 
 
@@ -400,7 +403,7 @@ def render(res: dict, console: Console) -> None:
     r = res["ratios"]
     console.print(
         f"images/s: training {rate(res['images_per_sec'])} (step median {res['step_ms_median']:.2f} ms over "
-        f"{res['steps']} steps) | loader alone {rate(res['loader']['images_per_sec'])} "
+        f"{res['steps']} steps, {res['minor_faults_per_step']:.0f} minor page faults per step) | loader alone {rate(res['loader']['images_per_sec'])} "
         f"(num_workers {res['num_workers']}) | loader / training {r['loader_over_training']:.1f}x"
     )
     console.print(
@@ -434,6 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
+    malloc_tuned = tune_host_allocator()  # as `tokzoo` does at start-up (TOKZOO_MALLOC_TUNING=0: glibc defaults)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -475,6 +479,7 @@ def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
         ms = [1e3 * r.get(k, 0.0) for r in records]
         stages[k] = {"mean_ms": statistics.fmean(ms), "ms": ms}
     step_ms = [1e3 * r["step"] for r in records]
+    faults = [r["minor_faults"] for r in records]
     bsz = config["data"]["batch_size"]
     mean_step = statistics.fmean(step_ms)
 
@@ -518,6 +523,7 @@ def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
         "step_ms": step_ms,
         "step_ms_mean": mean_step,
         "step_ms_median": statistics.median(step_ms),
+        "minor_faults_per_step": statistics.median(faults),
         "images_per_sec": ips,
         "memory": memory,
         "validation": {**val, "full_pass_seconds_estimate": val_full},
@@ -537,6 +543,7 @@ def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
             "load_before": load_before,
             "load_after": load_average(),
             "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "malloc_tuned": malloc_tuned,
         },
     }
 

@@ -68,6 +68,19 @@ def test_tokenizer_is_deterministic_and_distinguishes_strings(tok):
     assert torch.equal(build_tokenizer("clip_bpe", context_length=CTX)(["a photo of a cat"])[0], a[0])
 
 
+def test_memoised_tokenizer_matches_open_clip_and_its_cache_is_bounded(tok):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from tokzoo.text.tokenizer import CAPTION_CACHE_SIZE, _bpe_ids
+
+    captions = ["a photo of a cat", "", "  Café &amp; CRÈME   brûlée!! ", "dog", LONG, "x" * 200, "a photo of a cat"]
+    reference = SimpleTokenizer()(captions, context_length=CTX)
+    assert torch.equal(tok(captions), reference)
+    assert torch.equal(tok(captions), reference)  # the second call is served from the cache
+    info = _bpe_ids.cache_info()
+    assert info.hits >= len(captions) and info.maxsize == CAPTION_CACHE_SIZE
+
+
 def test_tokenizer_bad_input():
     with pytest.raises(ConfigError, match="context_length"):
         build_tokenizer("clip_bpe", context_length=1)

@@ -17,6 +17,16 @@ def _shared_bpe() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
+# Cleaning (ftfy, html, whitespace) and BPE in Python cost ~80 us per caption, paid every step for every caption
+# of the batch; a caption's ids never change, so they are memoised. Bounded: a web-scale caption stream evicts.
+CAPTION_CACHE_SIZE = 1 << 17
+
+
+@lru_cache(maxsize=CAPTION_CACHE_SIZE)
+def _bpe_ids(text: str) -> tuple[int, ...]:
+    return tuple(_shared_bpe().encode(text))
+
+
 class ClipBPETokenizer:
     """list[str] -> LongTensor (B, context_length): [SOT] bpe tokens [EOT] then zero padding.
 
@@ -49,7 +59,13 @@ class ClipBPETokenizer:
             raise DataError(
                 f"clip_bpe tokenizer: captions must be strings; item {bad[0]} is a {kind}; check the captions"
             )
-        return self._bpe(list(texts), context_length=self.context_length)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = (self.sot_id, *_bpe_ids(text), self.eot_id)
+            if len(ids) > self.context_length:  # truncate, keeping EOT last so the tower still pools at EOT
+                ids = (*ids[: self.context_length - 1], self.eot_id)
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of one row of ids: what lies between SOT and the first EOT (for logs and debugging)."""

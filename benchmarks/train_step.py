@@ -262,6 +262,44 @@ def peak_memory(run_step: Callable[[], Any], module: nn.Module, opt: torch.optim
     return (before + step_peak) / MIB, step_peak / MIB
 
 
+def flop_profile(run_step: Callable[[], Any], steps: int, device: torch.device) -> dict:
+    """FLOPs torch.profiler attributes to ops (matmuls and convolutions) over `steps` steps, their share of the
+    step time and the rate they ran at; beside it, a lone 2048^3 fp32 matmul as the machine's practical peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities, with_flops=True) as prof:
+        for _ in range(steps):
+            run_step()
+        sync(device)
+    wall = (time.perf_counter() - start) / steps
+    flops, seconds = 0, 0.0
+    for event in prof.key_averages():
+        if event.flops:
+            flops += event.flops
+            busy = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+            seconds += busy / 1e6
+    a = torch.randn(2048, 2048, device=device)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync(device)
+    peak = 10 * 2 * 2048**3 / (time.perf_counter() - t)
+    return {
+        "gflop_per_step": flops / steps / 1e9,
+        "flop_ops_ms_per_step": 1e3 * seconds / steps,
+        "profiled_step_ms": 1e3 * wall,
+        "flop_ops_share": seconds / steps / wall,
+        "flop_ops_gflops": flops / seconds / 1e9 if seconds else float("nan"),
+        "peak_matmul_gflops": peak / 1e9,
+    }
+
+
 # ---- validation and loader ------------------------------------------------------------------------------------
 def validation_pass(module: TokenizerModule, loader: Any, batches: int | None, device: torch.device) -> dict:
     """One validation epoch through the module's own hooks; returns seconds and the metrics it would log."""
@@ -412,6 +450,14 @@ def render(res: dict, console: Console) -> None:
     )
     console.print(f"peak memory: {res['memory']['peak_mib']:.1f} MiB ({res['memory']['step_mib']:.1f} MiB "
                   f"allocated by the step itself); {res['memory']['how']}")  # fmt: skip
+    if res["flops"]:
+        f = res["flops"]
+        console.print(
+            f"FLOP profile: {f['gflop_per_step']:.2f} GFLOP per step in matmuls and convolutions, "
+            f"{f['flop_ops_ms_per_step']:.1f} ms = {100 * f['flop_ops_share']:.0f} % of a profiled step "
+            f"({f['profiled_step_ms']:.1f} ms), at {f['flop_ops_gflops']:.0f} GFLOP/s; a lone 2048^3 matmul: "
+            f"{f['peak_matmul_gflops']:.0f} GFLOP/s"
+        )
     if res["absent"]:
         console.print("not measured (see `absent` in the JSON for why): " + ", ".join(res["absent"]))
     console.print(f"torch {m['torch']} | {m['cpu_count']} CPUs | load average before / after: "
@@ -431,6 +477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--flops", type=int, default=0, metavar="N", help="also profile N steps for FLOPs and GFLOP/s")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("overrides", nargs="*", help="dot-list config overrides, e.g. data.num_workers=2")
     return p.parse_args(argv)
@@ -494,6 +541,11 @@ def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
         )
         memory = {"peak_mib": peak, "step_mib": own, "how": how}
 
+    flops = None
+    if args.flops:
+        with console.status("FLOP profile ..."):
+            flops = flop_profile(one_step, args.flops, device)
+
     with console.status("validation pass ..."):
         val = validation_pass(module, datamodule.val_dataloader(), args.val_batches, device)
     with console.status("loader alone ..."):
@@ -526,6 +578,7 @@ def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
         "minor_faults_per_step": statistics.median(faults),
         "images_per_sec": ips,
         "memory": memory,
+        "flops": flops,
         "validation": {**val, "full_pass_seconds_estimate": val_full},
         "loader": loader,
         "ratios": {

@@ -441,7 +441,8 @@ def render(res: dict, console: Console) -> None:
     r = res["ratios"]
     console.print(
         f"images/s: training {rate(res['images_per_sec'])} (step median {res['step_ms_median']:.2f} ms over "
-        f"{res['steps']} steps, {res['minor_faults_per_step']:.0f} minor page faults per step) | loader alone {rate(res['loader']['images_per_sec'])} "
+        f"{res['steps']} steps, {res['minor_faults_per_step']:.0f} minor page faults per step) | loader alone "
+        f"{rate(res['loader']['images_per_sec'])} "
         f"(num_workers {res['num_workers']}) | loader / training {r['loader_over_training']:.1f}x"
     )
     console.print(

@@ -6,15 +6,17 @@ ImagesPerSecond callback) and perf/wall_seconds (Trainer.fit, validation include
 `--repeats` times, so background load hits all of them alike; the table gives medians and each case's ratio to the
 first one.
 
-    python benchmarks/fit_throughput.py --baseline 0e3ea07            # first tokzoo fit vs now (default config)
+    python benchmarks/fit_throughput.py --baseline 4f03aa2            # first tokzoo fit vs now (default config)
     python benchmarks/fit_throughput.py --cases current compile        # torch.compile off vs on
     python benchmarks/fit_throughput.py --cases current ddp2 --steps 100   # 1 process vs 2 gloo ranks (CPU)
     python benchmarks/fit_throughput.py --cases current gradcos            # gradient-cosine logging every 10 steps
+    python benchmarks/fit_throughput.py --cases current glibc              # allocator tuning on vs off
 
 Cases: `baseline` (the commit given by --baseline, checked out with `git worktree` into a temporary folder and run
 from there), `current` (this tree), `compile` (this tree, compile=true), `ddp2` (this tree,
 trainer.devices=2 trainer.strategy=ddp; on CPU each rank gets cores / 2 threads, and images/s counts both ranks),
-`gradcos` (this tree, loss.grad_cos_every=10: the cost of measuring the gradient conflict).
+`gradcos` (this tree, loss.grad_cos_every=10: the cost of measuring the gradient conflict), `glibc` (this tree with
+TOKZOO_MALLOC_TUNING=0: glibc's default malloc thresholds, see tokzoo/allocator.py).
 Extra arguments are dot-list overrides for every case (e.g. data.batch_size=32).
 """
 
@@ -44,6 +46,10 @@ def case_overrides(case: str) -> list[str]:
     }.get(case, [])
 
 
+def case_env(case: str) -> dict[str, str]:
+    return {"glibc": {"TOKZOO_MALLOC_TUNING": "0"}}.get(case, {})
+
+
 def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir: Path) -> dict:
     """One `tokzoo fit` of a one-variant config in a fresh folder; returns the run's perf metrics."""
     folder = Path(tempfile.mkdtemp(prefix=f"{case}-", dir=workdir))
@@ -51,7 +57,13 @@ def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir:
     config.write_text(yaml.safe_dump({"name": "bench", "base": {}, "variants": {case: {}}}))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     args = [str(config), f"trainer.max_steps={steps}", f"output_dir={folder / 'outputs'}", f"tracking.uri={uri}"]
-    env = {**os.environ, "PYTHONPATH": str(source), "PYTHONUNBUFFERED": "1", "TOKZOO_CACHE": str(workdir / "cache")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(source),
+        "PYTHONUNBUFFERED": "1",
+        "TOKZOO_CACHE": str(workdir / "cache"),
+        **case_env(case),
+    }
     command = [sys.executable, "-m", "tokzoo.cli", "fit", *args, *overrides, *case_overrides(case)]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
@@ -74,7 +86,9 @@ def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", nargs="+", default=None, choices=("baseline", "current", "compile", "ddp2", "gradcos"))
+    p.add_argument(
+        "--cases", nargs="+", default=None, choices=("baseline", "current", "compile", "ddp2", "gradcos", "glibc")
+    )
     p.add_argument("--baseline", default=None, help="git commit for the `baseline` case")
     p.add_argument("--steps", type=int, default=200, help="trainer.max_steps of every run")
     p.add_argument("--repeats", type=int, default=2)

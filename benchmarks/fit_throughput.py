@@ -10,13 +10,11 @@ first one.
     python benchmarks/fit_throughput.py --cases current compile        # torch.compile off vs on
     python benchmarks/fit_throughput.py --cases current ddp2 --steps 100   # 1 process vs 2 gloo ranks (CPU)
     python benchmarks/fit_throughput.py --cases current gradcos            # gradient-cosine logging every 10 steps
-    python benchmarks/fit_throughput.py --cases current glibc              # allocator tuning on vs off
 
 Cases: `baseline` (the commit given by --baseline, checked out with `git worktree` into a temporary folder and run
 from there), `current` (this tree), `compile` (this tree, compile=true), `ddp2` (this tree,
 trainer.devices=2 trainer.strategy=ddp; on CPU each rank gets cores / 2 threads, and images/s counts both ranks),
-`gradcos` (this tree, loss.grad_cos_every=10: the cost of measuring the gradient conflict), `glibc` (this tree with
-TOKZOO_MALLOC_TUNING=0: glibc's default malloc thresholds, see tokzoo/allocator.py).
+`gradcos` (this tree, loss.grad_cos_every=10: the cost of measuring the gradient conflict).
 Extra arguments are dot-list overrides for every case (e.g. data.batch_size=32).
 """
 
@@ -46,10 +44,6 @@ def case_overrides(case: str) -> list[str]:
     }.get(case, [])
 
 
-def case_env(case: str) -> dict[str, str]:
-    return {"glibc": {"TOKZOO_MALLOC_TUNING": "0"}}.get(case, {})
-
-
 def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir: Path) -> dict:
     """One `tokzoo fit` of a one-variant config in a fresh folder; returns the run's perf metrics."""
     folder = Path(tempfile.mkdtemp(prefix=f"{case}-", dir=workdir))
@@ -57,13 +51,7 @@ def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir:
     config.write_text(yaml.safe_dump({"name": "bench", "base": {}, "variants": {case: {}}}))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     args = [str(config), f"trainer.max_steps={steps}", f"output_dir={folder / 'outputs'}", f"tracking.uri={uri}"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(source),
-        "PYTHONUNBUFFERED": "1",
-        "TOKZOO_CACHE": str(workdir / "cache"),
-        **case_env(case),
-    }
+    env = {**os.environ, "PYTHONPATH": str(source), "PYTHONUNBUFFERED": "1", "TOKZOO_CACHE": str(workdir / "cache")}
     command = [sys.executable, "-m", "tokzoo.cli", "fit", *args, *overrides, *case_overrides(case)]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
@@ -86,9 +74,7 @@ def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--cases", nargs="+", default=None, choices=("baseline", "current", "compile", "ddp2", "gradcos", "glibc")
-    )
+    p.add_argument("--cases", nargs="+", default=None, choices=("baseline", "current", "compile", "ddp2", "gradcos"))
     p.add_argument("--baseline", default=None, help="git commit for the `baseline` case")
     p.add_argument("--steps", type=int, default=200, help="trainer.max_steps of every run")
     p.add_argument("--repeats", type=int, default=2)

@@ -76,7 +76,6 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from tokzoo.allocator import tune_host_allocator
 from tokzoo.config import DEFAULTS_PATH, load_variants
 from tokzoo.errors import ConfigError, TokzooError
 from tokzoo.lit.module import TokenizerModule
@@ -485,7 +484,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
-    malloc_tuned = tune_host_allocator()  # as `tokzoo` does at start-up (TOKZOO_MALLOC_TUNING=0: glibc defaults)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -598,7 +596,6 @@ def run(args: argparse.Namespace, console: Console, tmp: Path) -> dict:
             "load_before": load_before,
             "load_after": load_average(),
             "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "malloc_tuned": malloc_tuned,
         },
     }
 

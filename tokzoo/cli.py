@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from tokzoo.allocator import tune_host_allocator
 from tokzoo.errors import TokzooError
 
 # Tables keep their columns when stdout is a file or a pipe (CI logs, `| tee`), instead of rich's 80 columns.
@@ -166,7 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
-    tune_host_allocator()
     try:
         return args.func(args)
     except TokzooError as err:

@@ -59,13 +59,14 @@ class ClipBPETokenizer:
             raise DataError(
                 f"clip_bpe tokenizer: captions must be strings; item {bad[0]} is a {kind}; check the captions"
             )
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, text in enumerate(texts):
+        n = self.context_length
+        rows = []
+        for text in texts:
             ids = (self.sot_id, *_bpe_ids(text), self.eot_id)
-            if len(ids) > self.context_length:  # truncate, keeping EOT last so the tower still pools at EOT
-                ids = (*ids[: self.context_length - 1], self.eot_id)
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
+            if len(ids) > n:  # truncate, keeping EOT last so the tower still pools at EOT
+                ids = (*ids[: n - 1], self.eot_id)
+            rows.append(ids + (self.pad_id,) * (n - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), n)
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of one row of ids: what lies between SOT and the first EOT (for logs and debugging)."""

@@ -65,7 +65,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from _memory import cpu_step_peak_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _memory import cpu_step_peak_bytes  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -316,16 +317,6 @@ def render(results: list[dict], config: dict, console: Console) -> None:
         console.print(f"  {r['name']}: {r['settings']}")
     console.print(f"peak memory: {config['memory']}")
     console.print(f"load average before / after: {config['load_before']} / {config['load_after']}")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()}"
 
 
 def load_average() -> float | None:

@@ -71,7 +71,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from _memory import cpu_step_peak_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _memory import cpu_step_peak_bytes  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -391,16 +392,6 @@ def resolve_config(args: argparse.Namespace, tmp: Path) -> tuple[str, dict[str, 
 
 
 # ---- machine facts and reporting ------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()}"
-
-
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

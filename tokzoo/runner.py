@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from tokzoo.catalogue import HEADLINE
 from tokzoo.config import Variant, config_hash, flatten, load_variants
 from tokzoo.data import DATASETS
 from tokzoo.errors import ConfigError, NonFiniteLossError
@@ -33,7 +34,6 @@ from tokzoo.lit.module import TokenizerModule
 from tokzoo.model import UnifiedTokenizer
 from tokzoo.registry import check_kwargs
 from tokzoo.tracking import (
-    VALIDATION_METRICS,
     artifact_location,
     check_tracking,
     param_value,
@@ -44,7 +44,7 @@ from tokzoo.tracking import (
 # Set while Trainer.fit runs: there a SIGTERM is turned into a checkpoint and a clean stop by Lightning.
 TRAINING = threading.Event()
 
-SUMMARY_METRICS = (*VALIDATION_METRICS, "perf/images_per_sec")
+SUMMARY_METRICS = (*HEADLINE, "perf/images_per_sec")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class VariantResult:
     checkpoint: str | None = None
     status: str = "trained"  # trained | resumed | done earlier | failed
     error: str | None = None
+    absent: dict[str, str] = field(default_factory=dict)  # metric -> why it was not logged (the absent.* tags)
 
 
 def safe_name(name: str) -> str:
@@ -246,9 +247,9 @@ def fit_variant(
         client, run_id = logger.experiment, logger.run_id
         result.run_id = run_id
         client.log_metric(run_id, "perf/wall_seconds", result.seconds)
-        for metric, reason in sorted(module.absent.items()):
-            if metric not in result.metrics:
-                client.set_tag(run_id, f"absent.{metric}", reason[:5000])
+        result.absent = {m: why for m, why in sorted(module.absent.items()) if m not in result.metrics}
+        for metric, reason in result.absent.items():
+            client.set_tag(run_id, f"absent.{metric}", reason[:5000])
         if module.grid_path.exists():
             client.log_artifact(run_id, str(module.grid_path))
         result.checkpoint = str(last)

@@ -12,18 +12,6 @@ from typing import Any
 from tokzoo.errors import ConfigError
 
 DEFAULT_DB = "mlflow.db"
-# Every headline validation metric a run logs, in the order tables and plots show them.
-VALIDATION_METRICS = (
-    "val/psnr",
-    "val/ssim",
-    "val/lpips",
-    "val/rfid",
-    "val/zeroshot_acc",
-    "val/retrieval_r1",
-    "val/linprobe_acc",
-    "val/codebook_usage",
-    "val/perplexity",
-)
 
 
 def tracking_uri(configured: str | None = None) -> str:

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from tokzoo.analysis.stats import Summary, mean_ci
-from tokzoo.tracking import VALIDATION_METRICS
+from tokzoo.catalogue import HEADLINE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 Series = list[tuple[int, float]]
 UNDERSTANDING = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc")
 FIDELITY = ("val/psnr", "val/rfid")
-GRID_METRICS = (*VALIDATION_METRICS, "train/grad_cos_recon_contra:mean_over_steps")
+GRID_METRICS = (*HEADLINE, "train/grad_cos_recon_contra:mean_over_steps")
 SUPERVISION_ORDER = ("recon", "contra", "both")
 USAGE = re.compile(r"^val/codebook_usage/(\d+)$")
 

@@ -1,0 +1,199 @@
+"""The metric catalogue: every metric tokzoo logs, in one table.
+
+For each metric: its MLflow name, a table header, an axis label with its unit, the scale plots apply, which way is
+better, whether it is a headline (fit summary, compare table, plot grid), and the rule that says which configs
+cannot produce it and why. The fit summary, the MLflow `absent.<metric>` tags, `tokzoo compare`, the plots and the
+sweep objectives all read this table; a new metric is one entry here plus the code that computes it.
+
+This module imports nothing heavy (no torch): the sweep process and `tokzoo compare` read it cheaply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tokzoo.errors import ConfigError
+
+Rule = Callable[[dict[str, Any]], "str | None"]  # resolved run config -> why the metric is absent, or None
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # MLflow key, e.g. val/psnr; a pattern entry ends in /<k> (val/codebook_usage/<k>)
+    header: str  # short column header (tables)
+    label: str  # axis label with unit or scale (plots)
+    higher_is_better: bool | None  # None: neither (a diagnostic, e.g. the logit scale)
+    scale: float = 1.0  # plots multiply by this (fractions -> %)
+    headline: bool = False  # shown by the fit summary, the compare table and the plot grid
+    absent_when: tuple[Rule, ...] = ()
+    reduce: str = "last"  # per run: the "last" logged value, or the "mean" over every logged step
+
+    @property
+    def direction(self) -> str | None:
+        return None if self.higher_is_better is None else ("maximize" if self.higher_is_better else "minimize")
+
+
+# ---- absence rules: config -> reason (None when the config can produce the metric) ----------------------------
+def _no_decoder(config: dict[str, Any]) -> str | None:
+    return "supervision=contra trains no decoder" if config["loss"]["supervision"] == "contra" else None
+
+
+def _no_text(config: dict[str, Any]) -> str | None:
+    return "supervision=recon trains no text tower" if config["loss"]["supervision"] == "recon" else None
+
+
+def _eval_off(flag: str) -> Rule:
+    def rule(config: dict[str, Any]) -> str | None:
+        return None if config["eval"][flag] else f"eval.{flag}=false"
+
+    return rule
+
+
+def _weights(name: str) -> Rule:
+    def rule(config: dict[str, Any]) -> str | None:
+        from tokzoo.weights import weights_available
+
+        ok, reason = weights_available(name)
+        return None if ok else reason
+
+    return rule
+
+
+def _continuous(config: dict[str, Any]) -> str | None:
+    from tokzoo.quantizers import QUANTIZERS
+
+    name = config["model"]["quantizer"]["name"]
+    return f"quantizer '{name}' is continuous" if getattr(QUANTIZERS.get(name), "continuous", False) else None
+
+
+def _no_gan(config: dict[str, Any]) -> str | None:
+    if config["loss"]["supervision"] == "contra" or not config["loss"]["gan_weight"] > 0:
+        return "no GAN term (loss.gan_weight=0 or supervision=contra)"
+    return None
+
+
+def _not_both(config: dict[str, Any]) -> str | None:
+    if config["loss"]["supervision"] != "both":
+        return f"supervision={config['loss']['supervision']} has one loss: no gradient conflict to measure"
+    return None
+
+
+FIDELITY_RULES = (_no_decoder,)
+CODEBOOK_RULES = (_continuous,)
+
+_ENTRIES = (
+    Metric("val/psnr", "PSNR (dB)", "PSNR (dB)", True, headline=True, absent_when=FIDELITY_RULES),
+    Metric("val/ssim", "SSIM", "SSIM (0-1)", True, headline=True, absent_when=FIDELITY_RULES),
+    Metric(
+        "val/lpips", "LPIPS", "LPIPS (lower is better)", False, headline=True,
+        absent_when=(*FIDELITY_RULES, _eval_off("lpips"), _weights("lpips_vgg")),
+    ),
+    Metric(
+        "val/rfid", "rFID", "rFID (lower is better)", False, headline=True,
+        absent_when=(*FIDELITY_RULES, _eval_off("rfid"), _weights("inception_fid")),
+    ),
+    Metric(
+        "val/zeroshot_acc", "zero-shot acc", "zero-shot accuracy (%)", True, 100.0, headline=True,
+        absent_when=(_no_text, _eval_off("zero_shot")),
+    ),
+    Metric(
+        "val/retrieval_r1", "retrieval R@1", "image-text retrieval R@1 (%)", True, 100.0, headline=True,
+        absent_when=(_no_text, _eval_off("retrieval")),
+    ),
+    Metric(
+        "val/linprobe_acc", "lin. probe acc", "linear-probe accuracy (%)", True, 100.0, headline=True,
+        absent_when=(_eval_off("linear_probe"),),
+    ),
+    Metric(
+        "val/codebook_usage", "codebook usage", "codebook usage (% of entries)", True, 100.0, headline=True,
+        absent_when=CODEBOOK_RULES,
+    ),
+    Metric("val/perplexity", "perplexity", "code perplexity (codes)", True, headline=True, absent_when=CODEBOOK_RULES),
+    Metric("val/dead_codes", "dead codes", "dead codes (% of entries)", False, 100.0, absent_when=CODEBOOK_RULES),
+    Metric(
+        "val/codebook_usage/<k>", "usage (codebook k)", "usage of sub-codebook k (%)", True, 100.0,
+        absent_when=CODEBOOK_RULES,
+    ),
+    Metric(
+        "val/perplexity/<k>", "perplexity (codebook k)", "code perplexity of sub-codebook k", True,
+        absent_when=CODEBOOK_RULES,
+    ),
+    Metric("val/bits_per_token", "bits/token", "bits per token", None, absent_when=CODEBOOK_RULES),
+    Metric("train/loss", "loss", "training loss", False),
+    Metric("train/loss_quant", "quant. loss", "quantizer loss", False),
+    Metric("train/loss_recon", "recon. loss", "reconstruction loss", False, absent_when=FIDELITY_RULES),
+    Metric("train/loss_pixel", "pixel loss", "pixel loss (L1/L2)", False, absent_when=FIDELITY_RULES),
+    Metric(
+        "train/loss_lpips", "LPIPS loss", "perceptual loss", False,
+        absent_when=(*FIDELITY_RULES, _eval_off("lpips"), _weights("lpips_vgg")),
+    ),
+    Metric("train/loss_gan", "GAN loss", "generator hinge loss", False, absent_when=(_no_gan,)),
+    Metric("train/loss_disc", "disc. loss", "discriminator hinge loss", False, absent_when=(_no_gan,)),
+    Metric("train/loss_contra", "contra. loss", "contrastive loss", False, absent_when=(_no_text,)),
+    Metric("train/logit_scale", "logit scale", "contrastive logit scale", None, absent_when=(_no_text,)),
+    # The cosine is logged every k steps; one run's value is its mean over training (the last one is noise).
+    Metric(
+        "train/grad_cos_recon_contra", "grad cos (mean)", "grad cosine recon vs contra (mean over steps)", True,
+        absent_when=(_not_both,), reduce="mean",
+    ),
+    Metric("train/grad_norm_recon", "grad norm recon", "gradient L2 norm, reconstruction", None, absent_when=(_not_both,)),
+    Metric("train/grad_norm_contra", "grad norm contra", "gradient L2 norm, contrastive", None, absent_when=(_not_both,)),
+    Metric("train/skipped_samples", "skipped", "unreadable samples skipped", False),
+    Metric("perf/images_per_sec", "images/s", "training throughput (images/s)", True),
+    Metric("perf/wall_seconds", "time (s)", "wall time (s)", False),
+)  # fmt: skip
+
+CATALOGUE: dict[str, Metric] = {m.name: m for m in _ENTRIES}
+_PATTERNS = [(re.compile("^" + re.escape(m.name).replace("<k>", r"\d+") + "$"), m) for m in _ENTRIES if "<k>" in m.name]
+# Headline validation metrics, in the order tables and plots show them.
+HEADLINE = tuple(m.name for m in _ENTRIES if m.headline)
+
+
+def lookup(name: str) -> Metric | None:
+    """The catalogue entry for a metric name (pattern entries match val/codebook_usage/3 etc.); None if unknown."""
+    if name in CATALOGUE:
+        return CATALOGUE[name]
+    return next((m for pattern, m in _PATTERNS if pattern.match(name)), None)
+
+
+def metric(name: str, where: str = "metric") -> Metric:
+    """The entry, or a ConfigError naming the known metrics."""
+    found = lookup(name)
+    if found is None:
+        raise ConfigError(f"{where}: unknown metric '{name}'; known metrics: {', '.join(CATALOGUE)}")
+    return found
+
+
+def absence(name: str, config: dict[str, Any]) -> str | None:
+    """Why this config will not produce the metric (known before training), or None when it will."""
+    entry = lookup(name)
+    for rule in entry.absent_when if entry else ():
+        reason = rule(config)
+        if reason:
+            return reason
+    return None
+
+
+def absent_metrics(config: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """metric -> reason for every catalogue metric (or the named ones) this config cannot produce."""
+    out = {}
+    for name in names or tuple(CATALOGUE):
+        if "<k>" in name:
+            continue
+        reason = absence(name, config)
+        if reason:
+            out[name] = reason
+    return out
+
+
+def label(name: str) -> str:
+    entry = lookup(name)
+    return entry.label if entry else name
+
+
+def header(name: str) -> str:
+    entry = lookup(name)
+    return entry.header if entry else name

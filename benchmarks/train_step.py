@@ -14,9 +14,10 @@ only renders 32 / 64 px, so for other sizes the script writes a small JPEG image
 resized) into a temporary directory and reads it through the real `imagefolder` loader. Dot-list overrides
 (`data.num_workers=2`) apply last.
 
-The step is the one TokenizerModule.training_step runs, on the real module built from the resolved config:
-`module.model(images)`, `module.objective(...)`, `loss.backward()`, then AdamW from the module's own
-`configure_optimizers()` (called with a stub trainer that only provides `max_steps`; the LR schedule steps too).
+The step is the one TokenizerModule.training_step runs, on the real module built from the resolved config: the
+module's own `loss_terms(batch, step)` (the forward and the objective that training_step calls), `loss.backward()`,
+then AdamW and the LR schedule from the module's own `optimizer_and_schedule(max_steps)` (what
+configure_optimizers hands to Lightning).
 Left out: Lightning's logging (`self.log`, reading quantizer statistics every `log_every_n_steps`) and the
 non-finite check, which are not model work; `grad_cos_every` (off by default). Batches come from the real train
 loader but are fetched and moved to the device outside the timed region.
@@ -67,7 +68,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -168,7 +168,7 @@ def instrument(module: TokenizerModule, timer: StageTimer) -> None:
     timer.hook(objective.discriminator, "loss_gan")
     timer.hook(objective.contrastive, "loss_contra")
     if model.text_tower is not None:
-        model.encode_text = timer.wrap(model.encode_text, "text")  # the objective calls model.encode_text
+        model.encode_text = timer.wrap(model.encode_text, "text")  # the model's forward calls encode_text
 
 
 def autocast(config: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
@@ -186,15 +186,13 @@ def train_step(
     """One training step as TokenizerModule.training_step + Lightning's optimisation loop run it; returns
     seconds per stage and the whole step."""
     device = timer.device
-    images = batch["image"]
     timer.reset()
     sync(device)
     timer.active = True
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     with autocast(module.config, device):
-        out = module.model(images)
-        terms = module.objective(module.model, out, images, batch["caption"], step)
+        _, terms = module.loss_terms(batch, step)
     loss = terms["loss"]
     sync(device)
     t1 = time.perf_counter()
@@ -215,12 +213,8 @@ def train_step(
 
 
 def build_optimizer(module: TokenizerModule) -> tuple[torch.optim.Optimizer, Any]:
-    """The module's own configure_optimizers(), with a stub trainer that provides only max_steps."""
-    module.trainer = SimpleNamespace(max_steps=module.config["trainer"]["max_steps"])
-    try:
-        conf = module.configure_optimizers()
-    finally:
-        module.trainer = None
+    """The module's own optimiser and schedule, as configure_optimizers() gives them to Lightning."""
+    conf = module.optimizer_and_schedule(module.config["trainer"]["max_steps"])
     return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
 
 

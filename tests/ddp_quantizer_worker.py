@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from tokzoo.quantizers import build_quantizer
+from tokzoo.quantizers import QUANTIZERS, build_quantizer
 
 __test__ = False
 WORLD = 2
@@ -35,59 +35,61 @@ NO_BUFFER_SYNC = (
     else {"broadcast_buffers": False}
 )
 
-# name -> (quantizer, kwargs, wrap in DDP and step an optimizer: gradient-learned codebooks). Codebooks are
-# larger than a step's 24 tokens per rank, so dead codes exist and restarts really run.
-CASES: dict[str, tuple[str, dict, bool]] = {
+# Every discrete quantizer of the registry with its example arguments (case name = registry name), plus variants
+# that exercise the DDP-sensitive machinery: EMA, k-means init, dead-code restarts, expiring usage windows.
+# Variant codebooks are larger than a step's 24 tokens per rank, so dead codes exist and restarts really run.
+CODEBOOK_VARIANTS: dict[str, tuple[str, dict]] = {
     "vq_ema": (
         "vq",
         dict(dim=8, codebook_size=16, update="ema", kmeans_init=True, restart_dead_after=2, stats_window=3),
-        False,
     ),
     "vq_grad": (
         "vq",
         dict(dim=8, codebook_size=16, update="grad", kmeans_init=True, restart_dead_after=2, stats_window=3),
-        True,
     ),
-    "vq_euclid_grad": (
-        "vq",
-        dict(dim=8, codebook_size=16, normalize=False, update="grad", restart_dead_after=3),
-        True,
-    ),
+    "vq_euclid_grad": ("vq", dict(dim=8, codebook_size=16, normalize=False, update="grad", restart_dead_after=3)),
     "mcq_ema": (
         "mcq",
         dict(dim=8, num_codebooks=2, codebook_size=32, update="ema", kmeans_init=True, restart_dead_after=2),
-        False,
     ),
     "mcq_grad": (
         "mcq",
         dict(dim=8, num_codebooks=2, codebook_size=32, update="grad", restart_dead_after=2, stats_window=3),
-        True,
     ),
     "rq_ema": (
         "rq",
         dict(dim=8, depth=3, codebook_size=32, update="ema", kmeans_init=True, restart_dead_after=2),
-        False,
     ),
     "rq_shared_ema": (
         "rq",
         dict(dim=8, depth=3, codebook_size=128, shared_codebook=True, update="ema", restart_dead_after=2),
-        False,
     ),
-    "rq_grad": ("rq", dict(dim=8, depth=2, codebook_size=32, update="grad", restart_dead_after=2), True),
-    "lfq": ("lfq", dict(dim=8, num_codebooks=2, stats_window=3), False),
-    "fsq": ("fsq", dict(levels=[5, 4], num_codebooks=2, stats_window=3), False),
+    "rq_grad": ("rq", dict(dim=8, depth=2, codebook_size=32, update="grad", restart_dead_after=2)),
 }
+# Lookup-free ones have only usage trackers; a 3-step window makes codes expire within the run.
+VARIANTS = {
+    **CODEBOOK_VARIANTS,
+    "lfq_short_window": ("lfq", dict(dim=8, num_codebooks=2, stats_window=3)),
+    "fsq_short_window": ("fsq", dict(levels=[5, 4], num_codebooks=2, stats_window=3)),
+}
+
+
+def cases() -> dict[str, tuple[str, dict]]:
+    """case -> (quantizer, kwargs). Continuous quantizers have no codebook state to agree on."""
+    examples = {n: (n, QUANTIZERS.example(n)) for n in QUANTIZERS.names() if not QUANTIZERS.get(n).continuous}
+    return {**examples, **VARIANTS}
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def run_case(rank: int, name: str, steps: int) -> dict:
-    kind, kwargs, ddp = CASES[name]
+def run_case(rank: int, kind: str, kwargs: dict, steps: int) -> dict:
     torch.manual_seed(0)  # identical construction on every rank
     q = build_quantizer(kind, **kwargs).train()
     model = q
+    # Gradient-learned codebooks: wrap in DDP and step an optimizer (DDP refuses modules with nothing to learn).
+    ddp = any(p.requires_grad for p in q.parameters())
     if ddp:
         # No per-forward buffer sync: buffers (trackers, EMA state, flags) must agree because the quantizer
         # all-reduces them, not because DDP copies rank 0's over everyone at each forward.
@@ -124,7 +126,7 @@ def worker(rank: int, port: int, out_dir: str, steps: int) -> None:
         timeout=timedelta(seconds=30),  # ranks that diverge in control flow deadlock: fail fast,
     )
     try:
-        results = {name: run_case(rank, name, steps) for name in CASES}
+        results = {name: run_case(rank, kind, kwargs, steps) for name, (kind, kwargs) in cases().items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -1,9 +1,11 @@
-"""ViT encoder/decoder backbones: shapes, gradients, presets, config errors, checkpointing."""
+"""ViT encoder/decoder backbones: geometries, conv stem, unpatchify, presets, config errors, checkpointing.
+Shapes, gradients and input checks of every registered encoder and decoder: test_contracts.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from component_checks import count_checkpoint_calls
 from torch import nn
 
 import tokzoo.backbones.vit as vit_module
@@ -86,23 +88,6 @@ def test_unpatchify_puts_each_token_in_its_own_patch():
     assert not changed.any()
 
 
-@pytest.mark.parametrize("conv_stem", [False, True])
-def test_gradient_flows_through_decoder_of_encoder(conv_stem):
-    torch.manual_seed(0)
-    enc = build_encoder("vit", **TINY, conv_stem=conv_stem)
-    dec = build_decoder("vit", **TINY)
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    loss = (dec(enc(images)) - images).pow(2).mean()
-    loss.backward()
-    for module in (enc, dec):
-        for name, p in module.named_parameters():
-            assert p.grad is not None, name
-            assert torch.isfinite(p.grad).all(), name
-    first = next(enc.patch_embed.parameters())
-    assert first.grad.abs().sum() > 0
-    assert enc.pos_embed.grad.abs().sum() > 0
-
-
 def test_last_layer_weight_is_the_pixel_projection():
     dec = build_decoder("vit_tiny", width=64, depth=1)
     w = dec.last_layer_weight
@@ -142,15 +127,6 @@ def test_unknown_missing_and_misnamed_arguments_raise_config_error():
         build_encoder("vit_huge_nonexistent")
 
 
-def test_wrong_input_size_raises_config_error():
-    enc = build_encoder("vit", **TINY)
-    with pytest.raises(ConfigError, match="image_size"):
-        enc(torch.randn(1, 3, 64, 64))
-    dec = build_decoder("vit", **TINY)
-    with pytest.raises(ConfigError, match="width"):
-        dec(torch.randn(1, 64, 32))
-
-
 def test_presets_give_defaults_and_accept_overrides():
     enc = build_encoder("vit_tiny")
     assert isinstance(enc, ViTEncoder)
@@ -184,21 +160,9 @@ def test_vit_large_unitok_on_meta_device():
     assert not isinstance(small.patch_embed, vit_module.ConvStem)
 
 
-def _count_checkpoint_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    real = vit_module.checkpoint
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vit_module, "checkpoint", counting)
-    return calls
-
-
 @pytest.mark.parametrize("build", [build_encoder, build_decoder])
 def test_grad_checkpointing_matches_plain_and_only_runs_in_training(build, monkeypatch):
-    calls = _count_checkpoint_calls(monkeypatch)
+    calls = count_checkpoint_calls(monkeypatch)
     torch.manual_seed(0)
     plain = build("vit", **TINY)
     ckpt = build("vit", **TINY, grad_checkpointing=True)

@@ -18,10 +18,11 @@ from conftest import TINY_BASE, run_tokzoo, sqlite_uri, tiny_ablation, tokzoo_co
 from PIL import Image
 
 from tokzoo.config import flatten, load_variants
+from tokzoo.quantizers import list_quantizers
 from tokzoo.tracking import param_value
 from tokzoo.weights import find_weights
 
-QUANTIZER_NAMES = "fsq, lfq, mcq, none, rq, vq"
+QUANTIZER_NAMES = ", ".join(list_quantizers())  # the error for an unknown name lists every registered one
 
 
 def closed_port() -> int:

@@ -1,5 +1,6 @@
-"""Unit tests for the factorizations (linear, attention, none): shapes, UniTok's head-averaging compression,
-causal masking, and readable errors for dims that do not fit."""
+"""Unit tests for the factorizations (linear, attention, none): parameter counts, UniTok's head-averaging
+compression, causal masking, and readable errors for dims that do not fit. Shapes, gradients, dtypes and bad
+dims of every registered factorization: test_contracts.py."""
 
 from __future__ import annotations
 
@@ -22,31 +23,8 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def test_list_factorizations() -> None:
-    assert list_factorizations() == ["attention", "linear", "none"]
-
-
-def test_unknown_factorization_and_kwarg_are_config_errors() -> None:
-    with pytest.raises(ConfigError) as err:
-        build_factorization("conv", in_dim=8, out_dim=4)
-    assert "'conv'" in str(err.value)
-    for name in list_factorizations():
-        assert name in str(err.value)
-    with pytest.raises(ConfigError, match="heads"):
-        build_factorization("attention", in_dim=8, out_dim=4, heads=2)
-
-
-@pytest.mark.parametrize("name", ["linear", "attention"])
-@pytest.mark.parametrize("in_dim, out_dim", [(64, 16), (16, 64), (32, 32)])
-def test_shapes_and_dtype(name: str, in_dim: int, out_dim: int) -> None:
-    f = build_factorization(name, in_dim=in_dim, out_dim=out_dim)
-    x = torch.randn(2, 5, in_dim, requires_grad=True)
-    y = f(x)
-    assert y.shape == (2, 5, out_dim) and y.dtype == torch.float32
-    assert f.in_dim == in_dim and f.out_dim == out_dim
-    y.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in f.parameters())
-    assert f.double()(x.double()).dtype == torch.float64
+    names = list_factorizations()
+    assert {"attention", "linear", "none"} <= set(names) and names == sorted(names)
 
 
 def test_linear_is_one_linear_layer() -> None:
@@ -166,15 +144,6 @@ def test_attention_dims_that_do_not_divide(in_dim: int, out_dim: int) -> None:
     msg = str(err.value)
     assert f"in_dim={in_dim}" in msg and f"out_dim={out_dim}" in msg
     assert "attention" in msg
-
-
-@pytest.mark.parametrize("name", ["linear", "attention", "none"])
-@pytest.mark.parametrize("bad", [0, -4, 2.5, True])
-def test_invalid_dims(name: str, bad) -> None:
-    with pytest.raises(ConfigError, match="in_dim"):
-        build_factorization(name, in_dim=bad, out_dim=4)
-    with pytest.raises(ConfigError, match="out_dim"):
-        build_factorization(name, in_dim=4, out_dim=bad)
 
 
 def test_none_factorization() -> None:

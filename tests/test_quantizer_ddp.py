@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from ddp_quantizer_worker import CODEBOOK_VARIANTS, cases
 
 WORKER = Path(__file__).with_name("ddp_quantizer_worker.py")
 STEPS = 6
@@ -38,18 +39,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     return load(0), load(1)
 
 
-CASES = [
-    "vq_ema",
-    "vq_grad",
-    "vq_euclid_grad",
-    "mcq_ema",
-    "mcq_grad",
-    "rq_ema",
-    "rq_shared_ema",
-    "rq_grad",
-    "lfq",
-    "fsq",
-]
+CASES = list(cases())  # every discrete quantizer of the registry (its example) and the EMA / restart variants
 
 
 def test_worker_covers_the_cases(ranks: tuple[dict, dict]) -> None:
@@ -83,7 +73,14 @@ def test_stats_identical_across_ranks(ranks: tuple[dict, dict], case: str) -> No
     assert float(st0["usage"]) > 0
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in ("lfq", "fsq")])
+@pytest.mark.parametrize("case", CASES)
+def test_training_changed_the_state(ranks: tuple[dict, dict], case: str) -> None:
+    # The comparisons above are not trivial: every case's state moved (trackers at least).
+    result = ranks[0][case]
+    assert any(not torch.equal(v, result["init"][k]) for k, v in result["state"].items())
+
+
+@pytest.mark.parametrize("case", list(CODEBOOK_VARIANTS))  # vq, mcq, rq with EMA or gradient codebooks
 def test_codebooks_moved(ranks: tuple[dict, dict], case: str) -> None:
     # The comparison above is not trivial: training changed the codebooks (EMA, k-means, restarts, SGD).
     result = ranks[0][case]

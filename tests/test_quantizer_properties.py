@@ -1,11 +1,13 @@
-"""Property tests (hypothesis) for the quantizer invariants over random sizes: shapes, index ranges,
-decode == z_q in eval mode, bits per token, FSQ grids and RQ's non-increasing error."""
+"""Property tests (hypothesis) for the quantizer invariants over random sizes of each quantizer: shapes, index
+ranges, decode == z_q in eval mode (component_checks.check_invariants, which the contract tests also run on every
+registry example), bits per token, FSQ grids and RQ's non-increasing error."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from component_checks import check_invariants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,27 +17,6 @@ SETTINGS = settings(max_examples=25, deadline=None)
 batch = st.integers(1, 3)
 tokens = st.integers(1, 6)
 seeds = st.integers(0, 2**16)
-
-
-def check_invariants(q, b: int, n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    """Shapes, index ranges and decode == z_q (eval) for one random input; returns z_q."""
-    torch.manual_seed(seed)
-    z = torch.randn(b, n, q.dim) * scale
-    q.train()
-    q(z)  # a training step first: trackers / EMA codebooks move, and the invariants must still hold
-    q.eval()
-    out = q(z)
-    c = len(q.codebook_sizes)
-    assert out.z_q.shape == (b, n, q.dim) and out.z_q.dtype == z.dtype
-    assert out.indices.shape == (b, n, c) and out.indices.dtype == torch.int64
-    assert torch.isfinite(out.z_q).all() and torch.isfinite(out.loss)
-    for i, size in enumerate(q.codebook_sizes):
-        assert (out.indices[..., i] >= 0).all() and (out.indices[..., i] < size).all()
-    torch.testing.assert_close(q.decode(out.indices), out.z_q, rtol=1e-5, atol=1e-5)
-    for key in ("usage", "perplexity", "dead_codes"):
-        assert key in out.stats
-    assert 0.0 <= float(out.stats["usage"]) <= 1.0
-    return out.z_q
 
 
 @SETTINGS

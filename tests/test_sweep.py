@@ -76,12 +76,48 @@ def sweep(args: list[str], cwd: Path, timeout: float = 420) -> subprocess.Comple
         ({"space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}}, "grid sampler needs categorical"),
         ({"objectives": [{"metric": "val/psnr", "direction": "up"}]}, "direction 'up'"),
         ({"sampler": {"type": "cmaes"}}, "sampler.type must be one of"),
+        ({"objectives": [{"metric": "val/psnx", "direction": "maximize"}]}, "unknown metric 'val/psnx'"),
+        ({"objectives": [{"metric": "val/rfid", "fallback": {"metric": "psnr"}}]}, "objectives[0].fallback"),
+        ({"objectives": [{"metric": "val/rfid", "direction": "maximize"}]}, "direction is 'minimize', not 'maximize'"),
+        (
+            {"objectives": [{"metric": "val/rfid", "fallback": {"metric": "val/psnr", "direction": "minimize"}}]},
+            "metric 'val/psnr' is better higher",
+        ),
+        ({"objectives": [{"metric": "val/bits_per_token"}]}, "give direction: minimize or direction: maximize"),
+        ({"objectives": [{"metric": "train/loss"}]}, "a trial reports only its final val/"),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path: Path, fields: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as err:
         load_sweep(sweep_file(tmp_path, **fields))
     assert message in str(err.value)
+
+
+def test_unknown_objective_metric_lists_the_catalogue(tmp_path: Path) -> None:
+    from tokzoo.catalogue import CATALOGUE
+
+    with pytest.raises(ConfigError) as err:
+        load_sweep(sweep_file(tmp_path, objectives=[{"metric": "val/fid"}]))
+    assert "unknown metric 'val/fid'" in str(err.value)
+    assert all(name in str(err.value) for name in CATALOGUE)
+
+
+def test_direction_comes_from_the_catalogue_when_omitted(tmp_path: Path) -> None:
+    objectives = [
+        {"metric": "val/rfid", "fallback": {"metric": "val/psnr"}},
+        {"metric": "val/codebook_usage/1"},  # a pattern entry of the catalogue
+        {"metric": "val/bits_per_token", "direction": "minimize"},  # a diagnostic: any explicit direction
+    ]
+    spec = load_sweep(sweep_file(tmp_path, objectives=objectives, sampler={"type": "random"}, n_trials=2))
+    got = [(o.metric, o.direction) for o in spec.objectives]
+    assert got == [("val/rfid", "minimize"), ("val/codebook_usage/1", "maximize"), ("val/bits_per_token", "minimize")]
+    assert (spec.objectives[0].fallback.metric, spec.objectives[0].fallback.direction) == ("val/psnr", "maximize")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_load(path: Path) -> None:
+    spec = load_sweep(path)
+    assert spec.objectives and spec.n_trials >= 1
 
 
 def test_override_of_a_searched_key_is_refused(tmp_path: Path) -> None:
@@ -150,6 +186,125 @@ def test_stale_trial_of_a_dead_sweep_is_failed_and_requeued(tmp_path: Path) -> N
     assert waiting.params == params and waiting.system_attrs["failed_trial"] == trial.number
     assert budget_used(trials) == 2  # the failed original does not count, its re-queued copy does
     assert study.ask().params == params  # the next ask runs the copy
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[tuple[Any, Any]]:
+    """Wrap module.name, recording (first argument, result) of each call."""
+    real, calls = getattr(module, name), []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        calls.append((args[0], out))
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def _sweep_without_mlflow(monkeypatch: pytest.MonkeyPatch, spec: Any) -> Any:
+    """The sweep process up to its first trial, with the MLflow side stubbed (these tests are about Optuna)."""
+    from tokzoo import tracking
+    from tokzoo.sweep import Sweep
+
+    monkeypatch.setattr(tracking, "check_tracking", lambda uri: None)
+    monkeypatch.setattr(tracking, "open_parent_run", lambda *args, **kwargs: "parent")
+    return Sweep(spec, 1, log=lambda line: None)
+
+
+def _trial_meta(spec: Any, trial: optuna.Trial, pruner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "study": spec.name, "storage": spec.storage, "trial_id": trial._trial_id, "pruner": pruner,
+        "objectives": [{"metric": "val/psnr", "direction": "maximize"}],
+    }  # fmt: skip
+
+
+def _pruned_by_the_trial_side(monkeypatch: pytest.MonkeyPatch, spec: Any) -> list[tuple[Any, Any]]:
+    """Open the study as the sweep does, give it 3 finished trials, and let a 4th, much worse one be pruned through
+    the trial process's hook; returns the storage openings of both sides."""
+    from tokzoo.sweep import optuna_side, pruning_hook
+
+    opened = _spy(monkeypatch, optuna_side, "open_storage")
+    study = _sweep_without_mlflow(monkeypatch, spec).study
+    for value in (30.0, 31.0, 32.0):
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={1: value}))
+    trial = study.ask()
+    result: dict[str, Any] = {}
+    pruner = {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0}
+    hook = pruning_hook(_trial_meta(spec, trial, pruner), result)
+    assert hook(1, {"val/ssim": 0.5}) is False  # not the objective: nothing reported
+    assert hook(1, {"val/psnr": 5.0}) is True
+    assert result == {"pruned": True, "pruned_step": 1}
+    assert study.get_trials()[trial.number].intermediate_values == {1: 5.0}
+    return opened
+
+
+def test_trial_side_prunes_through_the_sweeps_storage_opener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_sweep(sweep_file(tmp_path, sampler={"type": "random", "seed": 0}, n_trials=8))
+    opened = _pruned_by_the_trial_side(monkeypatch, spec)
+    assert [url for url, _ in opened] == [spec.storage, spec.storage]  # the sweep, then the trial: one opener
+    assert {type(storage).__name__ for _, storage in opened} == {"JournalStorage"}
+
+
+def test_redis_storage_reaches_the_trial_side_as_a_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No Redis server here: a journal file stands in for its backend. The trial side used to hand redis:// to
+    # Optuna as a database URL, which failed every pruned trial.
+    from optuna.storages import journal
+
+    class FileAsRedis(journal.JournalFileBackend):
+        def __init__(self, url: str) -> None:
+            assert url.startswith("redis://")
+            super().__init__(str(tmp_path / "redis.journal"))
+
+    monkeypatch.setattr(journal, "JournalRedisBackend", FileAsRedis)
+    spec = load_sweep(
+        sweep_file(tmp_path, sampler={"type": "random", "seed": 0}, n_trials=8), storage="redis://localhost:6379/0"
+    )
+    opened = _pruned_by_the_trial_side(monkeypatch, spec)
+    assert [url for url, _ in opened] == ["redis://localhost:6379/0"] * 2
+
+
+def test_trial_builds_its_pruner_from_the_one_pruner_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokzoo.sweep import PRUNERS, optuna_side, trial
+
+    assert trial.optuna_side is optuna_side and set(PRUNERS) == {"none", *optuna_side.PRUNER_CLASSES}
+
+    class Marked(optuna.pruners.MedianPruner):
+        pass
+
+    monkeypatch.setitem(optuna_side.PRUNER_CLASSES, "median", Marked)
+    built = _spy(monkeypatch, optuna_side, "make_pruner")
+    monkeypatch.setattr(optuna, "load_study", lambda **kwargs: kwargs["pruner"])  # no storage needed
+    monkeypatch.setattr(optuna.trial, "Trial", lambda study, trial_id: None)
+    monkeypatch.setattr(optuna_side, "open_storage", lambda url: None)
+    trial.pruning_hook({"pruner": {"type": "median"}, "storage": "x", "study": "s", "trial_id": 0,
+                        "objectives": [{"metric": "val/psnr"}]}, {})  # fmt: skip
+    (call,) = built
+    assert call[0] == {"type": "median"} and type(call[1]) is Marked
+
+
+def test_run_trial_reports_the_modules_absent_decisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """result.json's `absent` comes from fit_variant's VariantResult, not from reading the MLflow run back."""
+    import tokzoo.runner as runner
+    from tokzoo.sweep import run_trial
+
+    spec = load_sweep(sweep_file(tmp_path))
+    out = runner.VariantResult("trial-0000", 8.0, {"val/psnr": 20.0}, 1.5, run_id="run-1",
+                               absent={"val/rfid": "eval.rfid=false"})  # fmt: skip
+    monkeypatch.setattr(runner, "fit_variant", lambda *args, **kwargs: out)  # nothing trains, no MLflow
+    (tmp_path / "trial").mkdir()
+    (tmp_path / "trial" / "config.yaml").write_text(json.dumps(spec.trial_config({})))
+    meta = {"number": 0, "params": {}, "parent_run_id": "p", "study": "tiny", "experiment": "tiny",
+            "uri": "sqlite:///nowhere.db", "pruner": {"type": "none"}}  # fmt: skip
+    (tmp_path / "trial" / "trial.json").write_text(json.dumps(meta))
+    assert run_trial(tmp_path / "trial") == 0
+    result = json.loads((tmp_path / "trial" / "result.json").read_text())
+    assert result == {"metrics": {"val/psnr": 20.0}, "run_id": "run-1", "seconds": 1.5,
+                      "absent": {"val/rfid": "eval.rfid=false"}}  # fmt: skip
+
+
+def test_module_without_arguments_prints_its_usage() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tokzoo.sweep"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage: python -m tokzoo.sweep run-trial" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------ the real command

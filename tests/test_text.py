@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from component_checks import count_checkpoint_calls
 
-import tokzoo.backbones.vit as vit_module
 import tokzoo.text.tower as tower_module
 from tokzoo.errors import ConfigError, DataError
 from tokzoo.text import (
@@ -133,14 +133,7 @@ def test_tower_gradient_flows(tok):
 
 
 def test_tower_grad_checkpointing_matches_plain(tok, monkeypatch):
-    calls = [0]
-    real = vit_module.checkpoint
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vit_module, "checkpoint", counting)
+    calls = count_checkpoint_calls(monkeypatch)
     torch.manual_seed(0)
     plain = small_tower(tok.vocab_size)
     ckpt = small_tower(tok.vocab_size, grad_checkpointing=True)

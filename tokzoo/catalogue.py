@@ -78,7 +78,7 @@ def _no_gan(config: dict[str, Any]) -> str | None:
 def _not_both(config: dict[str, Any]) -> str | None:
     if config["loss"]["supervision"] != "both":
         return f"supervision={config['loss']['supervision']} has one loss: no gradient conflict to measure"
-    return None
+    return None if config["loss"]["grad_cos_every"] else "loss.grad_cos_every=0"
 
 
 FIDELITY_RULES = (_no_decoder,)
@@ -139,8 +139,8 @@ _ENTRIES = (
         "train/grad_cos_recon_contra", "grad cos (mean)", "grad cosine recon vs contra (mean over steps)", True,
         absent_when=(_not_both,), reduce="mean",
     ),
-    Metric("train/grad_norm_recon", "grad norm recon", "gradient L2 norm, reconstruction", None, absent_when=(_not_both,)),
-    Metric("train/grad_norm_contra", "grad norm contra", "gradient L2 norm, contrastive", None, absent_when=(_not_both,)),
+    Metric("train/grad_norm_recon", "grad norm recon", "grad L2 norm, recon", None, absent_when=(_not_both,)),
+    Metric("train/grad_norm_contra", "grad norm contra", "grad L2 norm, contra", None, absent_when=(_not_both,)),
     Metric("train/skipped_samples", "skipped", "unreadable samples skipped", False),
     Metric("perf/images_per_sec", "images/s", "training throughput (images/s)", True),
     Metric("perf/wall_seconds", "time (s)", "wall time (s)", False),
@@ -150,6 +150,8 @@ CATALOGUE: dict[str, Metric] = {m.name: m for m in _ENTRIES}
 _PATTERNS = [(re.compile("^" + re.escape(m.name).replace("<k>", r"\d+") + "$"), m) for m in _ENTRIES if "<k>" in m.name]
 # Headline validation metrics, in the order tables and plots show them.
 HEADLINE = tuple(m.name for m in _ENTRIES if m.headline)
+# The columns of `tokzoo compare`: the headline, then diagnostics.
+TABLE = (*HEADLINE, "val/dead_codes", "train/grad_cos_recon_contra", "perf/images_per_sec", "perf/wall_seconds")
 
 
 def lookup(name: str) -> Metric | None:
@@ -177,11 +179,11 @@ def absence(name: str, config: dict[str, Any]) -> str | None:
     return None
 
 
-def absent_metrics(config: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, str]:
-    """metric -> reason for every catalogue metric (or the named ones) this config cannot produce."""
+def absent_metrics(config: dict[str, Any], prefix: str = "val/") -> dict[str, str]:
+    """metric -> reason for every catalogue metric under prefix that this config cannot produce."""
     out = {}
-    for name in names or tuple(CATALOGUE):
-        if "<k>" in name:
+    for name in CATALOGUE:
+        if "<k>" in name or not name.startswith(prefix):
             continue
         reason = absence(name, config)
         if reason:

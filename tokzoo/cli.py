@@ -6,7 +6,6 @@ Exit codes: 0 success; 2 bad config or input (one readable message, no traceback
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import traceback
@@ -23,7 +22,9 @@ err_console = Console(stderr=True, soft_wrap=True)  # never hard-wrap a message:
 
 
 def is_global_zero() -> bool:
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    from tokzoo.distributed import is_env_rank_zero  # called after training: torch is imported by then
+
+    return is_env_rank_zero()
 
 
 def format_metric(value: float | None) -> str:

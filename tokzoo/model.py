@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from tokzoo.backbones import build_decoder, build_encoder
 from tokzoo.factorization import build_factorization
-from tokzoo.quantizers import QuantizerOutput, build_quantizer
+from tokzoo.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
 from tokzoo.text import build_text_tower, build_tokenizer
 
 LOGIT_SCALE_INIT = 1 / 0.07
@@ -30,6 +30,9 @@ class TokenizerOutput:
     quant: QuantizerOutput  # z_q (B, N, dim), indices (B, N, C), loss, stats
     pooled_codes: Tensor  # (B, dim) mean of the quantized tokens (linear-probe features)
     image_emb: Tensor | None  # (B, embed_dim) l2-normalised, None when no text tower is used
+    text_emb: Tensor | None = None  # (B, embed_dim) l2-normalised, when captions were given to forward
+    logit_scale: Tensor | None = None  # scalar, exp()-ed and clamped, when there is a text tower
+    decoder_last_weight: Tensor | None = None  # the decoder's last layer weight (adaptive GAN weight), if decoding
 
 
 def _kwargs(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -45,8 +48,8 @@ class UnifiedTokenizer(nn.Module):
         dec_name, dec_kw = _kwargs(model_cfg["decoder"])
         self.encoder = build_encoder(enc_name, **{"image_size": image_size, **enc_kw})
         q_name, q_kw = _kwargs(model_cfg["quantizer"])
-        if q_name == "none" and "dim" not in q_kw:
-            q_kw["dim"] = self.encoder.width  # continuous baseline without a bottleneck
+        if QUANTIZERS.get(q_name).continuous:
+            q_kw.setdefault("dim", self.encoder.width)  # a continuous baseline has no bottleneck unless told so
         self.quantizer = build_quantizer(q_name, **q_kw)
         f_name, f_kw = _kwargs(model_cfg["factorization"])
         self.factor_down = build_factorization(f_name, in_dim=self.encoder.width, out_dim=self.quantizer.dim, **f_kw)
@@ -80,14 +83,21 @@ class UnifiedTokenizer(nn.Module):
         # z_q: (B, N, dim) -> images (B, 3, H, W)
         return self.decoder(self.decoder_in(self.factor_up(z_q)))
 
-    def forward(self, images: Tensor) -> TokenizerOutput:
+    def forward(self, images: Tensor, captions: list[str] | None = None) -> TokenizerOutput:
+        """Everything the objective and the metrics read, as tensors; captions are embedded when given (and there
+        is a text tower)."""
         quant = self.encode(images)
         tokens = self.factor_up(quant.z_q)  # (B, N, width)
-        recon = self.decoder(self.decoder_in(tokens)) if self.decoder is not None else None
-        image_emb = None
+        out = TokenizerOutput(recon=None, quant=quant, pooled_codes=quant.z_q.mean(dim=1), image_emb=None)
+        if self.decoder is not None:
+            out.recon = self.decoder(self.decoder_in(tokens))
+            out.decoder_last_weight = self.decoder.last_layer_weight
         if self.image_head is not None:
-            image_emb = F.normalize(self.image_head(tokens.mean(dim=1)), dim=-1)
-        return TokenizerOutput(recon=recon, quant=quant, pooled_codes=quant.z_q.mean(dim=1), image_emb=image_emb)
+            out.image_emb = F.normalize(self.image_head(tokens.mean(dim=1)), dim=-1)
+            out.logit_scale = self.logit_scale_value()
+            if captions is not None:
+                out.text_emb = self.encode_text(captions)
+        return out
 
     def encode_text(self, captions: list[str]) -> Tensor:
         ids = self.tokenizer(captions)
@@ -104,4 +114,4 @@ class UnifiedTokenizer(nn.Module):
 
     def codebook_parameters(self) -> set[int]:
         """ids of codebook tensors (excluded from weight decay unless the config asks)."""
-        return {id(p) for name, p in self.quantizer.named_parameters() if "embed" in name}
+        return {id(p) for p in self.quantizer.codebook_parameters()}

@@ -216,6 +216,7 @@ def fit_variant(
     if trainer.is_global_zero and run_id is None:
         params = {k: param_value(v) for k, v in flatten(config).items()}
         params["model.quantizer.bits_per_token"] = module.model.quantizer.bits_per_token
+        params["model.quantizer.shape_label"] = module.model.quantizer.shape_label  # read by the plots' labels
         logger.log_hyperparams(params)
     result = VariantResult(variant.name, module.model.quantizer.bits_per_token)
     if ckpt_path is not None:

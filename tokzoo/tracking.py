@@ -82,3 +82,56 @@ def run_tags(variant: str, config_hash: str, extra: dict[str, Any] | None = None
 def param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+# ---- sweeps: the study's parent run and the trials' child runs (tokzoo.sweep itself imports no mlflow) ----------
+
+
+def open_parent_run(
+    uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str], run_id: str | None = None
+) -> str:
+    """A study's parent run: `run_id` set RUNNING again when it still exists (a resumed study), else a new run in
+    `experiment` (created, with its artifacts next to a SQLite database, if needed) with these tags and params."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if run_id:
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except Exception:  # deleted, or another tracking store: start a new parent
+            pass
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location(uri))
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, param_value(value))
+    return run.info.run_id
+
+
+def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Best effort: a tracking hiccup must not turn a trial that already finished into a failed one."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    except Exception:
+        pass
+
+
+def close_run(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
+    """Log a run's closing metrics and tags and end it (FINISHED, KILLED); best effort, like tag_run: it runs while
+    the sweep may be unwinding from an interrupt, whose error must stay the one reported."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status=status)
+    except Exception:
+        pass

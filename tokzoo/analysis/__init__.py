@@ -7,9 +7,11 @@
     plots.plot_roadmap(summaries)                         # matplotlib Figure (same code as `tokzoo compare --plot`)
 """
 
-from tokzoo.analysis.compare import COLUMNS, Column, VariantSummary, compare, summarize, write_plots
+from tokzoo.analysis.compare import compare
+from tokzoo.analysis.figures import write_plots
 from tokzoo.analysis.runs import ExperimentRuns, RunRecord, list_experiments, load_experiment
 from tokzoo.analysis.stats import Summary, mean_ci, t_quantile
+from tokzoo.analysis.summary import COLUMNS, Column, VariantSummary, summarize
 
 __all__ = [
     "COLUMNS",

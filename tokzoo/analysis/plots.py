@@ -19,13 +19,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+from tokzoo import catalogue
 from tokzoo.analysis.stats import Summary, mean_ci
 from tokzoo.catalogue import HEADLINE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from tokzoo.analysis.compare import VariantSummary
+    from tokzoo.analysis.summary import VariantSummary
 
 Series = list[tuple[int, float]]
 UNDERSTANDING = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc")
@@ -34,44 +35,22 @@ GRID_METRICS = (*HEADLINE, "train/grad_cos_recon_contra:mean_over_steps")
 SUPERVISION_ORDER = ("recon", "contra", "both")
 USAGE = re.compile(r"^val/codebook_usage/(\d+)$")
 
-# key -> (axis label with unit, scale applied to values, higher is better)
-METRICS: dict[str, tuple[str, float, bool]] = {
-    "val/psnr": ("PSNR (dB)", 1.0, True),
-    "val/ssim": ("SSIM (0-1)", 1.0, True),
-    "val/lpips": ("LPIPS (lower is better)", 1.0, False),
-    "val/rfid": ("rFID (lower is better)", 1.0, False),
-    "val/zeroshot_acc": ("zero-shot accuracy (%)", 100.0, True),
-    "val/retrieval_r1": ("image-text retrieval R@1 (%)", 100.0, True),
-    "val/linprobe_acc": ("linear-probe accuracy (%)", 100.0, True),
-    "val/codebook_usage": ("codebook usage (% of entries)", 100.0, True),
-    "val/perplexity": ("code perplexity (codes)", 1.0, True),
-    "val/dead_codes": ("dead codes (% of entries)", 100.0, False),
-    "train/grad_cos_recon_contra:mean_over_steps": ("grad cosine recon vs contra (mean over steps)", 1.0, True),
-    "perf/images_per_sec": ("training throughput (images/s)", 1.0, True),
-    "perf/wall_seconds": ("wall time (s)", 1.0, False),
-}
-SHORT = {
-    "val/zeroshot_acc": "zero-shot",
-    "val/retrieval_r1": "retrieval R@1",
-    "val/linprobe_acc": "linear probe",
-    "val/psnr": "PSNR",
-    "val/ssim": "SSIM",
-    "val/lpips": "LPIPS",
-    "val/rfid": "rFID",
-    "val/codebook_usage": "codebook usage",
-    "val/perplexity": "code perplexity",
-    "train/grad_cos_recon_contra:mean_over_steps": "gradient cosine (mean over steps)",
-}
+MEAN = ":mean_over_steps"  # column-key suffix of metrics summarised as their mean over training steps
 
 
 def metric_label(key: str) -> str:
-    return METRICS.get(key, (key, 1.0, True))[0]
+    return catalogue.label(key.removesuffix(MEAN))
+
+
+def short_label(key: str) -> str:
+    return catalogue.header(key.removesuffix(MEAN))
 
 
 def scaled(summary: Summary | None, key: str) -> Summary | None:
     if summary is None or summary.n == 0:
         return None
-    return summary.scaled(METRICS.get(key, (key, 1.0, True))[1])
+    entry = catalogue.lookup(key.removesuffix(MEAN))
+    return summary.scaled(entry.scale if entry else 1.0)
 
 
 def _colors(n: int) -> list:
@@ -149,7 +128,7 @@ def plot_metric_grid(
     for i, key in enumerate(keys):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         bars_per_variant(ax, summaries, key)
-        ax.set_title(SHORT.get(key, key), fontsize=10)
+        ax.set_title(short_label(key), fontsize=10)
     fig.suptitle(f"{title or 'metrics per variant'} ({_seeds_note(summaries)})")
     return fig
 
@@ -167,7 +146,7 @@ def plot_roadmap(
     width = 0.8 / len(keys)
     for j, (key, color) in enumerate(zip(keys, _colors(len(keys)))):
         offset = (j - (len(keys) - 1) / 2) * width
-        label: str | None = SHORT.get(key, key)  # one legend entry per metric
+        label: str | None = short_label(key)  # one legend entry per metric
         for i, s in enumerate(summaries):
             st = scaled(s.stats.get(key), key)
             if st is None:
@@ -192,19 +171,6 @@ def plot_roadmap(
 
 
 # ---- loss conflict -----------------------------------------------------------------------------------------
-def capacity_label(summary: VariantSummary) -> str:
-    """'mcq 4x256 + attention': quantizer, codebooks x entries and factorization, from the run params."""
-    p = summary.params
-    q = p.get("model.quantizer.name", "?")
-    f = p.get("model.factorization.name", "?")
-    if q == "none":
-        return f"continuous {p.get('model.quantizer.dim', '')}-d + {f}".replace(" -d", "")
-    size = p.get("model.quantizer.codebook_size")
-    count = p.get("model.quantizer.num_codebooks") or p.get("model.quantizer.depth") or "1"
-    shape = f" {count}x{size}" if size else ""
-    return f"{q}{shape} + {f}"
-
-
 def plot_loss_conflict(
     summaries: Sequence[VariantSummary],
     metrics: Sequence[str] = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc", "val/psnr"),
@@ -217,7 +183,7 @@ def plot_loss_conflict(
     caps: list[str] = []
     cell: dict[tuple[str, str], VariantSummary] = {}
     for s, sup in zip(summaries, sups):
-        cap = capacity_label(s)
+        cap = s.capacity
         if cap not in caps:
             caps.append(cap)
         cell.setdefault((sup, cap), s)
@@ -244,7 +210,7 @@ def plot_loss_conflict(
         ax.set_xlim(-0.6, len(order) - 0.4)
         ax.set_xlabel("supervision")
         ax.set_ylabel(metric_label(key))
-        ax.set_title(SHORT.get(key, key), fontsize=10)
+        ax.set_title(short_label(key), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -319,13 +285,6 @@ def plot_grad_cos(
 
 
 # ---- codebook count ----------------------------------------------------------------------------------------
-def codebook_shape(summary: VariantSummary) -> str:
-    p = summary.params
-    size = p.get("model.quantizer.codebook_size")
-    count = p.get("model.quantizer.num_codebooks") or p.get("model.quantizer.depth") or "1"
-    return f"{count}x{size}" if size else summary.variant
-
-
 def plot_codebook_count(
     summaries: Sequence[VariantSummary],
     fidelity: Sequence[str] = FIDELITY,
@@ -353,13 +312,13 @@ def plot_codebook_count(
                     xs.append(s.bits_per_token)
                     ys.append(st.mean)
                     es.append(_err(st))
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, color=color, label=SHORT.get(key, key))
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, color=color, label=short_label(key))
             for s, x, y in zip([s for s in pts if scaled(s.stats.get(key), key) is not None], xs, ys):
-                ax.annotate(codebook_shape(s), (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+                ax.annotate(s.codebook_shape, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
         ax.set_xticks(sorted({s.bits_per_token for s in pts}))
         ax.set_xlabel("log2 vocabulary (bits per token)")
         ax.set_ylabel("accuracy (%)" if len(keys) > 1 else metric_label(keys[0]))
-        ax.set_title(" / ".join(SHORT.get(k, k) for k in keys), fontsize=10)
+        ax.set_title(" / ".join(short_label(k) for k in keys), fontsize=10)
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=8)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from tokzoo.backbones.vit import ConvStem, ViTDecoder, ViTEncoder, build_checked
+from tokzoo.backbones.vit import ConvStem, ViTDecoder, ViTEncoder
 from tokzoo.registry import Registry
 
 ENCODERS = Registry("encoder")
@@ -37,12 +37,12 @@ __all__ = [
 
 def build_encoder(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered encoder; unknown names, unknown or missing arguments raise ConfigError."""
-    return build_checked(ENCODERS, name, kwargs)
+    return ENCODERS.build(name, **kwargs)
 
 
 def build_decoder(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered decoder; unknown names, unknown or missing arguments raise ConfigError."""
-    return build_checked(DECODERS, name, kwargs)
+    return DECODERS.build(name, **kwargs)
 
 
 def list_encoders() -> list[str]:
@@ -53,40 +53,17 @@ def list_decoders() -> list[str]:
     return DECODERS.names()
 
 
-# A preset is the plain `vit` factory with different defaults (functools.partial keeps the signature, so the
+# A preset is the plain `vit` class with different defaults (functools.partial keeps the signature, so the
 # registry's argument check and per-key overrides work the same for presets and for `vit`).
 TINY = {"image_size": 32, "patch_size": 4, "width": 128, "depth": 2, "heads": 4}
 LARGE_UNITOK = {"image_size": 256, "patch_size": 16, "width": 1024, "depth": 24, "heads": 16}
+# Examples (tests/test_contracts.py): one block, narrow, small images; the presets keep their own patch size.
+SMALL = {"image_size": 16, "patch_size": 4, "width": 32, "depth": 1, "heads": 2}
+SMALL_UNITOK = {"image_size": 32, "width": 32, "depth": 1, "heads": 2}
 
-
-@ENCODERS.register("vit")
-def vit_encoder(
-    image_size: int,
-    patch_size: int,
-    width: int,
-    depth: int,
-    heads: int,
-    mlp_ratio: float = 4.0,
-    conv_stem: bool = False,
-    grad_checkpointing: bool = False,
-) -> ViTEncoder:
-    return ViTEncoder(image_size, patch_size, width, depth, heads, mlp_ratio, conv_stem, grad_checkpointing)
-
-
-@DECODERS.register("vit")
-def vit_decoder(
-    image_size: int,
-    patch_size: int,
-    width: int,
-    depth: int,
-    heads: int,
-    mlp_ratio: float = 4.0,
-    grad_checkpointing: bool = False,
-) -> ViTDecoder:
-    return ViTDecoder(image_size, patch_size, width, depth, heads, mlp_ratio, grad_checkpointing)
-
-
-ENCODERS.register("vit_tiny")(partial(vit_encoder, **TINY))
-ENCODERS.register("vit_large_unitok")(partial(vit_encoder, **LARGE_UNITOK, conv_stem=True))
-DECODERS.register("vit_tiny")(partial(vit_decoder, **TINY))
-DECODERS.register("vit_large_unitok")(partial(vit_decoder, **LARGE_UNITOK))
+ENCODERS.register("vit", example=SMALL)(ViTEncoder)
+ENCODERS.register("vit_tiny", example=dict(width=32, depth=1))(partial(ViTEncoder, **TINY))
+ENCODERS.register("vit_large_unitok", example=SMALL_UNITOK)(partial(ViTEncoder, **LARGE_UNITOK, conv_stem=True))
+DECODERS.register("vit", example=SMALL)(ViTDecoder)
+DECODERS.register("vit_tiny", example=dict(width=32, depth=1))(partial(ViTDecoder, **TINY))
+DECODERS.register("vit_large_unitok", example=SMALL_UNITOK)(partial(ViTDecoder, **LARGE_UNITOK))

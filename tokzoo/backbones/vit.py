@@ -7,10 +7,8 @@ small strided convolution stack (ViTamin-like) that yields the same token grid.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from einops import rearrange
@@ -19,30 +17,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tokzoo.checks import divides, positive_int, positive_number
 from tokzoo.errors import ConfigError
-from tokzoo.registry import Registry
-
-
-def check_positive_ints(what: str, **values: object) -> None:
-    """Raise ConfigError naming the first argument that is not a positive integer."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{what}: {name} must be a positive integer, got {value!r}")
-
-
-def check_divides(what: str, num_name: str, numerator: int, den_name: str, denominator: int) -> None:
-    """Raise ConfigError unless `denominator` divides `numerator`."""
-    if numerator % denominator:
-        raise ConfigError(
-            f"{what}: {num_name}={numerator} is not divisible by {den_name}={denominator}; "
-            f"choose values where {den_name} divides {num_name}"
-        )
-
-
-def check_positive(what: str, **values: object) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{what}: {name} must be a positive number, got {value!r}")
 
 
 def run_blocks(
@@ -109,7 +85,52 @@ class ConvStem(nn.Module):
         return rearrange(x, "b c h w -> b (h w) c")
 
 
-class ViTEncoder(nn.Module):
+class ViTTrunk(nn.Module):
+    """What the encoder and the decoder share: the checked geometry, a learned positional embedding, timm blocks
+    and a final LayerNorm over a (B, N, width) token grid. Subclasses add their input or output layer between
+    `_check_geometry` and `_add_trunk` (so parameters keep the order patch_embed, pos_embed, blocks, norm, head)."""
+
+    def _check_geometry(
+        self,
+        what: str,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        grad_checkpointing: bool,
+    ) -> None:
+        positive_int(what, image_size=image_size, patch_size=patch_size, width=width, depth=depth, heads=heads)
+        divides(what, "image_size", image_size, "patch_size", patch_size)
+        divides(what, "width", width, "heads", heads)
+        positive_number(what, mlp_ratio=mlp_ratio)
+        self.image_size, self.patch_size, self.width = image_size, patch_size, width
+        self.grid_size = image_size // patch_size
+        self.num_tokens = self.grid_size**2
+        self.grad_checkpointing = grad_checkpointing
+
+    def _add_trunk(self, depth: int, heads: int, mlp_ratio: float) -> None:
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, self.width))
+        self.blocks = nn.ModuleList(
+            [Block(dim=self.width, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(self.width)
+
+    def _init_weights(self) -> None:
+        self.apply(init_vit_weights)
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _run_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, width) -> (B, N, width): positions, blocks (recomputed in backward if asked), LayerNorm
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        return self.norm(run_blocks(self.blocks, x + self.pos_embed, use_ckpt))
+
+
+class ViTEncoder(ViTTrunk):
     """Images (B, 3, H, W) -> tokens (B, N, width), N = (image_size / patch_size)^2, final LayerNorm."""
 
     def __init__(
@@ -124,31 +145,13 @@ class ViTEncoder(nn.Module):
         grad_checkpointing: bool = False,
     ):
         super().__init__()
-        what = "vit encoder"
-        check_positive_ints(
-            what, image_size=image_size, patch_size=patch_size, width=width, depth=depth, heads=heads
-        )
-        check_divides(what, "image_size", image_size, "patch_size", patch_size)
-        check_divides(what, "width", width, "heads", heads)
-        check_positive(what, mlp_ratio=mlp_ratio)
-        self.image_size, self.patch_size, self.width = image_size, patch_size, width
-        self.grid_size = image_size // patch_size
-        self.num_tokens = self.grid_size**2
-        self.grad_checkpointing = grad_checkpointing
+        self._check_geometry("vit encoder", image_size, patch_size, width, depth, heads, mlp_ratio, grad_checkpointing)
         if conv_stem:
             self.patch_embed: nn.Module = ConvStem(patch_size, width)
         else:
             self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, width))
-        self.blocks = nn.ModuleList(
-            [Block(dim=width, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)]
-        )
-        self.norm = nn.LayerNorm(width)
-        self.apply(init_vit_weights)
-        trunc_normal_(self.pos_embed, std=0.02)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        self._add_trunk(depth, heads, mlp_ratio)
+        self._init_weights()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: (B, 3, H, W) -> tokens: (B, N, width)
@@ -157,13 +160,10 @@ class ViTEncoder(nn.Module):
                 f"vit encoder expects images of shape (B, 3, {self.image_size}, {self.image_size}), got "
                 f"{tuple(images.shape)}; set the encoder's image_size to the data's image size"
             )
-        x = self.patch_embed(images) + self.pos_embed
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        x = run_blocks(self.blocks, x, use_ckpt)
-        return self.norm(x)
+        return self._run_trunk(self.patch_embed(images))
 
 
-class ViTDecoder(nn.Module):
+class ViTDecoder(ViTTrunk):
     """Tokens (B, N, width) -> images (B, 3, H, W); output unbounded (trained against targets in [-1, 1])."""
 
     def __init__(
@@ -177,33 +177,15 @@ class ViTDecoder(nn.Module):
         grad_checkpointing: bool = False,
     ):
         super().__init__()
-        what = "vit decoder"
-        check_positive_ints(
-            what, image_size=image_size, patch_size=patch_size, width=width, depth=depth, heads=heads
-        )
-        check_divides(what, "image_size", image_size, "patch_size", patch_size)
-        check_divides(what, "width", width, "heads", heads)
-        check_positive(what, mlp_ratio=mlp_ratio)
-        self.image_size, self.patch_size, self.width = image_size, patch_size, width
-        self.grid_size = image_size // patch_size
-        self.num_tokens = self.grid_size**2
-        self.grad_checkpointing = grad_checkpointing
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, width))
-        self.blocks = nn.ModuleList(
-            [Block(dim=width, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)]
-        )
-        self.norm = nn.LayerNorm(width)
+        self._check_geometry("vit decoder", image_size, patch_size, width, depth, heads, mlp_ratio, grad_checkpointing)
+        self._add_trunk(depth, heads, mlp_ratio)
         self.head = nn.Linear(width, patch_size * patch_size * 3)
-        self.apply(init_vit_weights)
-        trunc_normal_(self.pos_embed, std=0.02)
+        self._init_weights()
 
     @property
     def last_layer_weight(self) -> nn.Parameter:
         """Weight of the final pixel projection; the GAN adaptive weight compares gradients w.r.t. it."""
         return self.head.weight
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: (B, N, width) -> images: (B, 3, H, W)
@@ -212,23 +194,6 @@ class ViTDecoder(nn.Module):
                 f"vit decoder expects tokens of shape (B, {self.num_tokens}, {self.width}), got "
                 f"{tuple(tokens.shape)}; match the decoder's image_size/patch_size/width to the encoder's"
             )
-        x = tokens + self.pos_embed
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        x = run_blocks(self.blocks, x, use_ckpt)
-        x = self.head(self.norm(x))
+        x = self.head(self._run_trunk(tokens))
         g, p = self.grid_size, self.patch_size
         return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=g, w=g, p1=p, p2=p, c=3)
-
-
-def build_checked(registry: Registry, name: str, kwargs: dict[str, Any]) -> Any:
-    """registry.build, plus a ConfigError (instead of a TypeError) when a required argument is missing."""
-    factory = registry.get(name)
-    params = inspect.signature(factory).parameters.values()
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    required = [p.name for p in params if p.default is p.empty and p.kind in kinds]
-    missing = [n for n in required if n not in kwargs]
-    if missing:
-        raise ConfigError(
-            f"{registry.kind} '{name}' needs argument(s) {', '.join(missing)}; set them in the config"
-        )
-    return registry.build(name, **kwargs)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokzoo.checks import int_at_least
 from tokzoo.errors import ConfigError
 from tokzoo.registry import Registry
 
@@ -65,8 +66,7 @@ def check_split(split: str) -> str:
 
 
 def check_image_size(image_size: int) -> int:
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
-        raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}")
+    int_at_least(8, "data", image_size=image_size)
     return image_size
 
 
@@ -180,3 +180,15 @@ class FileListDataset(torch.utils.data.Dataset):
         if image is None:
             return None
         return {"image": image, "caption": self.captions[i], "label": self.labels[i]}
+
+
+def write_example_images(folder: Path, count: int, size: tuple[int, int] = (20, 14)) -> list[Path]:
+    """count small PNGs of distinct flat colours in folder (for the datasets' registry examples). Not square,
+    so loading them exercises the resize and the center crop."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        Image.new("RGB", size, (40 * i % 256, 200 - 30 * i % 200, 90)).save(path)
+        paths.append(path)
+    return paths

@@ -15,6 +15,7 @@ from tokzoo.data.common import (
     check_split,
     check_templates,
     deterministic_split,
+    write_example_images,
 )
 from tokzoo.errors import ConfigError, DataError
 
@@ -39,19 +40,23 @@ def _readable_names(folders: list[str], class_names_file: str | None) -> list[st
         mapping = json.loads(path.read_text())
         missing = [f for f in folders if f not in mapping]
         if missing:
-            raise DataError(
-                f"data.kwargs.class_names_file {path} has no name for class folder(s) {missing[:5]}"
-            )
+            raise DataError(f"data.kwargs.class_names_file {path} has no name for class folder(s) {missing[:5]}")
         return [str(mapping[f]) for f in folders]
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(names) != len(folders):
-        raise DataError(
-            f"data.kwargs.class_names_file {path} has {len(names)} names for {len(folders)} class folders"
-        )
+        raise DataError(f"data.kwargs.class_names_file {path} has {len(names)} names for {len(folders)} class folders")
     return names
 
 
-@DATASETS.register("imagefolder")
+def _imagefolder_example(folder: Path) -> dict:
+    """root/<class>/<image>: two classes (one with an underscore in its folder name) of three images."""
+    root = folder / "imagefolder"
+    for name in ("cat", "golden_retriever"):
+        write_example_images(root / name, 3)
+    return {"root": str(root)}
+
+
+@DATASETS.register("imagefolder", example=_imagefolder_example)
 def imagefolder(
     root: str,
     split: str = "train",
@@ -74,14 +79,10 @@ def imagefolder(
     presplit = (base / "train").is_dir() and (base / "val").is_dir()
     # classes come from both splits so labels mean the same thing in train and val
     folders = (
-        sorted(set(_class_dirs(base / "train")) | set(_class_dirs(base / "val")))
-        if presplit
-        else _class_dirs(base)
+        sorted(set(_class_dirs(base / "train")) | set(_class_dirs(base / "val"))) if presplit else _class_dirs(base)
     )
     if not folders:
-        raise DataError(
-            f"imagefolder root {base} has no class sub-directories (expected root/<class>/<image>)"
-        )
+        raise DataError(f"imagefolder root {base} has no class sub-directories (expected root/<class>/<image>)")
     names = _readable_names(folders, class_names_file)
 
     split_root = base / split if presplit else base
@@ -89,9 +90,7 @@ def imagefolder(
     if not presplit:
         items = [items[i] for i in deterministic_split(len(items), split, val_fraction, seed, str(base))]
     if not items:
-        raise DataError(
-            f"imagefolder {split_root} has no images for split '{split}' (extensions {IMAGE_EXTENSIONS})"
-        )
+        raise DataError(f"imagefolder {split_root} has no images for split '{split}' (extensions {IMAGE_EXTENSIONS})")
     paths = [p for p, _ in items]
     labels = [label for _, label in items]
     # rotate through the templates so captions vary a little across a class
@@ -124,9 +123,7 @@ def _read_captions(path: Path) -> tuple[list[str], list[str], list[str] | None]:
     for n, r in enumerate(rows, 1):
         missing = [k for k in ("image", "caption") if r.get(k) is None]
         if missing:
-            raise DataError(
-                f"captions file {path} row {n} lacks {missing}; each row needs image, caption[, label]"
-            )
+            raise DataError(f"captions file {path} row {n} lacks {missing}; each row needs image, caption[, label]")
     # image paths are relative to the captions file, so a dataset folder can be moved as a whole
     paths = [str(path.parent / str(r["image"])) for r in rows]
     captions = [str(r["caption"]) for r in rows]
@@ -158,7 +155,18 @@ def _encode_labels(raw: list[str] | None, class_names: list[str] | None) -> list
     return [index[s] if s else -1 for s in raw]
 
 
-@DATASETS.register("captions")
+def _captions_example(folder: Path) -> dict:
+    """A CSV of six image-caption pairs with text labels, image paths relative to the file."""
+    root = folder / "captions"
+    paths = write_example_images(root / "img", 6)
+    rows = ["image,caption,label"] + [
+        f"img/{p.name},picture number {i},{'dog' if i % 2 else 'cat'}" for i, p in enumerate(paths)
+    ]
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return {"path": str(root / "pairs.csv")}
+
+
+@DATASETS.register("captions", example=_captions_example)
 def captions(
     path: str,
     split: str = "train",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokzoo.checks import positive_int
 from tokzoo.data.common import (
     DATASETS,
     Sample,
@@ -292,9 +293,7 @@ def _write_atomic(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
-def load_or_generate(
-    split: str, n: int, image_size: int, seed: int, cache_dir: Path
-) -> tuple[np.ndarray, np.ndarray]:
+def load_or_generate(split: str, n: int, image_size: int, seed: int, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images, attributes) from the cache, generated and cached first if absent or unreadable."""
     path = cache_path(cache_dir, split, n, image_size, seed)
     if path.exists():
@@ -312,9 +311,7 @@ def load_or_generate(
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    def __init__(
-        self, images: np.ndarray, captions: list[str], labels: np.ndarray, prompt_templates: list[str]
-    ):
+    def __init__(self, images: np.ndarray, captions: list[str], labels: np.ndarray, prompt_templates: list[str]):
         self.images = torch.from_numpy(images)  # (N, S, S, 3) uint8: 4x smaller than float in memory
         self.captions = captions
         self.labels = labels.tolist()
@@ -332,7 +329,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         }
 
 
-@DATASETS.register("shapes")
+def _example(folder: Path) -> dict:
+    return {"num_train": 12, "num_val": 6, "cache_dir": str(folder)}  # generated in a few ms, cached in folder
+
+
+@DATASETS.register("shapes", example=_example)
 def shapes(
     split: str = "train",
     image_size: int = 32,
@@ -347,16 +348,10 @@ def shapes(
     each caption says (compose_captions); the zero-shot prompts follow the same style unless given."""
     check_split(split)
     if captions not in CAPTION_STYLES:
-        raise ConfigError(
-            f"data.kwargs.captions must be one of {list(CAPTION_STYLES)} for 'shapes', got {captions!r}"
-        )
+        raise ConfigError(f"data.kwargs.captions must be one of {list(CAPTION_STYLES)} for 'shapes', got {captions!r}")
     if image_size not in SUPPORTED_SIZES:
-        raise ConfigError(
-            f"image_size must be one of {SUPPORTED_SIZES} for the shapes dataset, got {image_size}"
-        )
-    for key, value in (("num_train", num_train), ("num_val", num_val)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"data.kwargs.{key} must be a positive integer for 'shapes', got {value!r}")
+        raise ConfigError(f"image_size must be one of {SUPPORTED_SIZES} for the shapes dataset, got {image_size}")
+    positive_int("data.kwargs of 'shapes'", num_train=num_train, num_val=num_val)
     n = num_train if split == "train" else num_val
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     images, attributes = load_or_generate(split, n, image_size, seed, root / "shapes")

@@ -15,6 +15,7 @@ every C-th sample, so small datasets still split exactly.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tarfile
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 from braceexpand import braceexpand
+from PIL import Image
 
+from tokzoo import distributed
 from tokzoo.data.common import (
     DATASETS,
     PHOTO_TEMPLATES,
@@ -53,8 +56,8 @@ def rank_world(parent: tuple[int, int] | None = None) -> tuple[int, int]:
     worker: such workers do not inherit the process group (forked ones do), and Lightning's DDP launcher
     does not export RANK.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if distributed.initialized():
+        return distributed.rank_world()
     if parent is not None:
         return parent
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
@@ -190,9 +193,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             return None
         return {"image": image, "caption": caption, "label": label}
 
-    def _pass(
-        self, rank: int, world: int, wid: int, nw: int, epoch: int, rnd: int
-    ) -> Iterator[Sample | None]:
+    def _pass(self, rank: int, world: int, wid: int, nw: int, epoch: int, rnd: int) -> Iterator[Sample | None]:
         """One pass over this (rank, worker)'s share of the shards."""
         shards = list(self.shards)
         if self.shuffle:  # the same order on every rank and worker: seeded by (seed, epoch, pass) only
@@ -228,9 +229,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}/{epoch}/{rank}/{wid}")
         yield from _shuffled(items, self.shuffle_buffer, rng)
 
-    def _cycle(
-        self, rank: int, world: int, wid: int, nw: int, epoch: int, quota: int
-    ) -> Iterator[Sample | None]:
+    def _cycle(self, rank: int, world: int, wid: int, nw: int, epoch: int, quota: int) -> Iterator[Sample | None]:
         """Exactly `quota` items, starting new (reshuffled) passes over the shards as needed."""
         produced, rnd = 0, 0
         while produced < quota:
@@ -241,9 +240,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
                 if produced >= quota:
                     return
             if produced == before:
-                raise DataError(
-                    f"webdataset shards gave no samples to rank {rank} worker {wid}: {self.shards}"
-                )
+                raise DataError(f"webdataset shards gave no samples to rank {rank} worker {wid}: {self.shards}")
             rnd += 1
 
 
@@ -264,7 +261,24 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
-@DATASETS.register("webdataset")
+def _example(folder: Path) -> dict:
+    """Two shards of three jpg+txt+cls samples, named by a brace pattern; the last shard is the val split."""
+    root = folder / "webdataset"
+    root.mkdir(parents=True, exist_ok=True)
+    for shard in range(2):
+        with tarfile.open(root / f"shard-{shard}.tar", "w") as tar:
+            for i in range(3):
+                jpg = io.BytesIO()
+                Image.new("RGB", (20, 14), (80 * i, 60 * shard, 120)).save(jpg, format="JPEG")
+                fields = {"jpg": jpg.getvalue(), "txt": f"sample {i} of shard {shard}".encode(), "cls": str(i).encode()}
+                for ext, data in fields.items():
+                    info = tarfile.TarInfo(f"s{shard}_{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return {"urls": str(root / "shard-{0..1}.tar"), "shuffle_buffer": 0}
+
+
+@DATASETS.register("webdataset", example=_example)
 def webdataset(
     urls: str | list[str],
     split: str = "train",
@@ -284,9 +298,7 @@ def webdataset(
     check_image_size(image_size)
     templates = check_templates(prompt_templates, PHOTO_TEMPLATES)
     if samples_per_epoch is not None and samples_per_epoch < 1:
-        raise ConfigError(
-            f"data.kwargs.samples_per_epoch must be a positive integer or null, got {samples_per_epoch}"
-        )
+        raise ConfigError(f"data.kwargs.samples_per_epoch must be a positive integer or null, got {samples_per_epoch}")
     shards = expand_urls(urls)
     if not shards:
         raise DataError(f"webdataset urls {urls!r} expand to no shards")

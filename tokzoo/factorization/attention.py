@@ -38,7 +38,7 @@ class ChannelChangingAttention(nn.Module):
         return self.proj(rearrange(heads, "b h n d -> b n (h d)"))
 
 
-@FACTORIZATIONS.register("attention")
+@FACTORIZATIONS.register("attention", example=dict(in_dim=32, out_dim=8))
 class AttentionFactorization(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, mlp_ratio: float = 4.0, causal: bool = False):
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from tokzoo.checks import positive_int
 from tokzoo.errors import ConfigError
 from tokzoo.registry import Registry
 
@@ -19,12 +20,10 @@ def list_factorizations() -> list[str]:
 
 
 def check_dims(name: str, in_dim: int, out_dim: int) -> None:
-    for key, value in (("in_dim", in_dim), ("out_dim", out_dim)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"factorization '{name}': {key}={value!r} must be a positive integer")
+    positive_int(f"factorization '{name}'", in_dim=in_dim, out_dim=out_dim)
 
 
-@FACTORIZATIONS.register("none")
+@FACTORIZATIONS.register("none", example=dict(in_dim=8, out_dim=8))
 class IdentityFactorization(nn.Identity):
     """No width change: only valid where in_dim == out_dim (e.g. the continuous CLIP baseline)."""
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from tokzoo.factorization.base import FACTORIZATIONS, check_dims
 
 
-@FACTORIZATIONS.register("linear")
+@FACTORIZATIONS.register("linear", example=dict(in_dim=12, out_dim=4))
 class LinearFactorization(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, bias: bool = True):
         super().__init__()

@@ -9,8 +9,8 @@ import lightning
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from tokzoo.checks import int_at_least, positive_int
 from tokzoo.data import build_dataset, collate_samples
-from tokzoo.errors import ConfigError
 
 # datasets whose first build does real work worth doing once, before the ranks start (cache, download)
 _PREPARE_ONCE = ("shapes", "cifar10", "cifar100")
@@ -53,11 +53,8 @@ class TokzooDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or 1)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        positive_int("data", batch_size=batch_size, val_batch_size=val_batch_size or batch_size)
+        int_at_least(0, "data", num_workers=num_workers)
         self.name = name
         self.image_size = image_size
         self.batch_size = batch_size

@@ -10,9 +10,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from tokzoo.catalogue import absent_metrics
+from tokzoo.distributed import gather_rows
 from tokzoo.errors import NonFiniteLossError
 from tokzoo.losses.objective import TokenizerObjective, gradient_conflict
 from tokzoo.metrics import (
@@ -22,22 +23,7 @@ from tokzoo.metrics import (
     retrieval_recall_at_1,
     zero_shot_accuracy,
 )
-from tokzoo.model import UnifiedTokenizer
-
-
-def gather_rows(t: Tensor) -> Tensor:
-    """Concatenate a (n_rank, ...) tensor from every rank; ranks may hold different n."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+from tokzoo.model import TokenizerOutput, UnifiedTokenizer
 
 
 def caption_ids(captions: list[str], device: torch.device) -> Tensor:
@@ -71,19 +57,12 @@ class TokenizerModule(L.LightningModule):
         self.fidelity = FidelityMetrics(lpips=ev["lpips"], rfid=ev["rfid"]) if self.model.decoder is not None else None
         sizes = self.model.quantizer.codebook_sizes
         self.codebook_usage = CodebookUsage(sizes) if sizes else None
-        # metric name -> why it is not logged (tagged on the MLflow run)
-        self.absent: dict[str, str] = {f"train/{k}": v for k, v in self.objective.absent.items()}
+        # metric name -> why it is not logged (tagged on the MLflow run): the catalogue's rules for this config, then
+        # what the parts found at build time (missing weights) and validation finds (no labels, too few images)
+        self.absent: dict[str, str] = absent_metrics(config)
+        self.absent.update({f"train/{k}": v for k, v in self.objective.absent.items()})
         if self.fidelity is not None:
             self.absent.update({f"val/{k}": v for k, v in self.fidelity.absent.items()})
-        else:
-            reason = "supervision=contra trains no decoder"
-            self.absent.update({f"val/{k}": reason for k in ("psnr", "ssim", "lpips", "rfid")})
-        if self.model.text_tower is None:
-            self.absent["val/zeroshot_acc"] = "supervision=recon trains no text tower"
-            self.absent["val/retrieval_r1"] = "supervision=recon trains no text tower"
-        if not sizes:
-            reason = "quantizer 'none' is continuous"
-            self.absent.update({f"val/{k}": reason for k in ("codebook_usage", "perplexity", "dead_codes")})
         if config["compile"]:
             # In place (nn.Module.compile): parameter names and checkpoints stay the same as uncompiled. The
             # quantizer stays eager: its host-side bookkeeping and data-dependent updates would break graphs.
@@ -102,12 +81,19 @@ class TokenizerModule(L.LightningModule):
             self.prompt_templates = list(datamodule.prompt_templates or self.prompt_templates)
 
     # ---- training --------------------------------------------------------------------------------------------
+    def loss_terms(self, batch: dict[str, Any], step: int) -> tuple[TokenizerOutput, dict[str, Tensor]]:
+        """The forward and the objective of one training step: what training_step runs, and what the benchmarks
+        time. terms["loss"] is the total; the other terms are logged separately."""
+        images = batch["image"]
+        captions = batch["caption"] if self.model.text_tower is not None else None
+        out = self.model(images, captions)
+        return out, self.objective(out, images, step)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images = batch["image"]
         if images.shape[0] == 0:
             return None  # every sample of this batch was unreadable (counted by the data layer): skip the step
-        out = self.model(images)
-        terms = self.objective(self.model, out, images, batch["caption"], self.global_step)
+        out, terms = self.loss_terms(batch, self.global_step)
         loss = terms["loss"]
         self._check_finite(loss, terms)
         every = self.config["loss"]["grad_cos_every"]
@@ -153,7 +139,7 @@ class TokenizerModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
-        out = self.model(images)
+        out = self.model(images, batch["caption"] if self.config["eval"]["retrieval"] else None)
         if out.recon is not None:
             self.fidelity.update(out.recon, images)
             if batch_idx == 0 and self.grid_path is not None and self.trainer.is_global_zero:
@@ -165,7 +151,7 @@ class TokenizerModule(L.LightningModule):
         if out.image_emb is not None:
             self._val["image_emb"].append(out.image_emb.float())
             if self.config["eval"]["retrieval"]:
-                self._val["text_emb"].append(self.model.encode_text(batch["caption"]).float())
+                self._val["text_emb"].append(out.text_emb.float())
                 self._val["caption_ids"].append(caption_ids(batch["caption"], images.device))
 
     def on_validation_epoch_end(self) -> None:
@@ -221,6 +207,11 @@ class TokenizerModule(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------------------------
     def configure_optimizers(self):
+        return self.optimizer_and_schedule(int(self.trainer.max_steps))
+
+    def optimizer_and_schedule(self, total_steps: int) -> dict[str, Any]:
+        """AdamW over the module's parameter groups and the warmup + cosine schedule for total_steps (what
+        configure_optimizers returns to Lightning; public so that benchmarks run the same optimiser)."""
         cfg = self.config["optim"]
         codebooks = self.model.codebook_parameters()
         decay, no_decay, disc = [], [], []
@@ -245,7 +236,7 @@ class TokenizerModule(L.LightningModule):
         if disc:
             groups.append({"params": disc, "weight_decay": 0.0, "lr": cfg["disc_lr"]})
         optimizer = adamw(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
-        total = max(1, int(self.trainer.max_steps))
+        total = max(1, total_steps)
         warmup, floor = cfg["warmup_steps"], cfg["min_lr_ratio"]
 
         def schedule(step: int) -> float:

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, or (0, 1) when not distributed (checked per call:
-    the loss is built before Lightning initialises the process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_with_grad(x: Tensor) -> Tensor:
-    # (B, D) on each rank -> (world * B, D); the backward sums every rank's gradient into the local slice
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+from tokzoo.distributed import gather_with_grad, rank_world
 
 
 class ContrastiveLoss(nn.Module):
@@ -35,11 +21,8 @@ class ContrastiveLoss(nn.Module):
     def forward(self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) -> Tensor:
         # image_emb, text_emb: (B, D) l2-normalised; logit_scale: scalar, exp()-ed and clamped -> scalar
         image_emb, text_emb = image_emb.float(), text_emb.float()
-        rank, world = _world()
-        if world > 1:
-            all_image, all_text = _gather_with_grad(image_emb), _gather_with_grad(text_emb)
-        else:
-            all_image, all_text = image_emb, text_emb
+        rank, _ = rank_world()  # asked per call: the loss is built before Lightning starts the process group
+        all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)  # identity on one rank
         logits_per_image = logit_scale * image_emb @ all_text.t()  # (B, world * B)
         logits_per_text = logit_scale * text_emb @ all_image.t()  # (B, world * B)
         labels = torch.arange(image_emb.shape[0], device=image_emb.device) + rank * image_emb.shape[0]

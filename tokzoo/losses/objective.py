@@ -10,7 +10,7 @@ only reaches the parameters it should, with one backward and DDP-friendly (every
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +19,18 @@ from torch.func import functional_call
 from tokzoo.losses.contrastive import ContrastiveLoss
 from tokzoo.losses.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from tokzoo.losses.reconstruction import PerceptualLoss, PixelLoss
-from tokzoo.model import TokenizerOutput, UnifiedTokenizer
 from tokzoo.weights import weights_available
+
+
+class ModelOutput(Protocol):
+    """What the objective reads from the tokenizer's forward (tokzoo.model.TokenizerOutput has these fields)."""
+
+    recon: Tensor | None  # (B, 3, H, W)
+    quant: Any  # has .loss: the quantizer's scalar loss
+    image_emb: Tensor | None  # (B, D) l2-normalised
+    text_emb: Tensor | None  # (B, D) l2-normalised
+    logit_scale: Tensor | None  # scalar
+    decoder_last_weight: Tensor | None  # the decoder's last layer weight (adaptive GAN weight)
 
 
 class TokenizerObjective(nn.Module):
@@ -43,9 +53,7 @@ class TokenizerObjective(nn.Module):
         self.discriminator = PatchDiscriminator() if self.use_recon and loss_cfg["gan_weight"] > 0 else None
         self.gan_start_step = int(loss_cfg["gan_start"] * max_steps)
 
-    def reconstruction_terms(
-        self, model: UnifiedTokenizer, out: TokenizerOutput, images: Tensor, step: int
-    ) -> dict[str, Tensor]:
+    def reconstruction_terms(self, out: ModelOutput, images: Tensor, step: int) -> dict[str, Tensor]:
         terms = {"loss_pixel": self.pixel(out.recon, images)}
         nll = terms["loss_pixel"]
         if self.perceptual is not None:
@@ -56,7 +64,7 @@ class TokenizerObjective(nn.Module):
             active = float(step >= self.gan_start_step)
             frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
             g_loss = hinge_g_loss(functional_call(self.discriminator, frozen, (out.recon,)))
-            weight = adaptive_gan_weight(nll, g_loss, model.decoder.last_layer_weight) * self.cfg["gan_weight"]
+            weight = adaptive_gan_weight(nll, g_loss, out.decoder_last_weight) * self.cfg["gan_weight"]
             terms["loss_gan"] = g_loss
             recon = recon + active * weight * g_loss
             d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(out.recon.detach()))
@@ -65,17 +73,14 @@ class TokenizerObjective(nn.Module):
         terms["loss_recon"] = recon
         return terms
 
-    def forward(
-        self, model: UnifiedTokenizer, out: TokenizerOutput, images: Tensor, captions: list[str], step: int
-    ) -> dict[str, Tensor]:
+    def forward(self, out: ModelOutput, images: Tensor, step: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {"loss_quant": out.quant.loss}
         total = self.cfg["quant_weight"] * out.quant.loss
         if self.use_recon:
-            terms.update(self.reconstruction_terms(model, out, images, step))
+            terms.update(self.reconstruction_terms(out, images, step))
             total = total + terms["loss_recon"] + terms.pop("_disc_total", 0.0)
         if self.use_contra:
-            text_emb = model.encode_text(captions)
-            terms["loss_contra"] = self.contrastive(out.image_emb, text_emb, model.logit_scale_value())
+            terms["loss_contra"] = self.contrastive(out.image_emb, out.text_emb, out.logit_scale)
             total = total + self.cfg["contra_weight"] * terms["loss_contra"]
         terms["loss"] = total
         return terms

@@ -10,10 +10,10 @@ A metric whose weights are missing is not computed and not reported: ``absent`` 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from tokzoo.distributed import all_reduce_sum
 from tokzoo.weights import exclude_from_checkpoint, hub_weights, require_weights, weights_available
 
 
@@ -76,7 +76,8 @@ class FidelityMetrics(nn.Module):
         if self.lpips is not None:
             out["lpips"] = float(self.lpips.compute())
         if self.rfid is not None:
-            n = self._global_count(self.rfid.fake_features_num_samples)
+            # summed over ranks before FID's compute, so every rank takes the same branch (compute is a collective)
+            n = int(all_reduce_sum(self.rfid.fake_features_num_samples.detach().clone()))
             if n < 2:
                 self.absent["rfid"] = f"rFID needs at least 2 images, the validation set gave {n}"
             else:
@@ -88,11 +89,3 @@ class FidelityMetrics(nn.Module):
         for metric in (self.psnr, self.ssim, self.lpips, self.rfid):
             if metric is not None:
                 metric.reset()
-
-    @staticmethod
-    def _global_count(count: Tensor) -> int:
-        # decided before FID's compute so every rank takes the same branch (compute is a collective)
-        count = count.detach().clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(count)
-        return int(count)

@@ -1,5 +1,5 @@
-"""What every quantizer shares: the output type, the registry, codebooks with blocked nearest-code search, and
-windowed usage statistics that agree across DDP ranks.
+"""What every quantizer shares: the output type, the registry, the Quantizer base class, and codebooks with
+blocked nearest-code search (their usage statistics live in usage.py and are re-exported here).
 
 Conventions (see ../shared/docs/QUANTIZERS.md):
 - input z is (B, N, dim); indices are (B, N, C) int64 with C codes per token; `codebook_sizes` lists the size of
@@ -12,15 +12,17 @@ Conventions (see ../shared/docs/QUANTIZERS.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokzoo.checks import positive_int
+from tokzoo.distributed import all_reduce_sum, broadcast_from_rank0, world_size  # noqa: F401  (re-exported)
 from tokzoo.errors import ConfigError
+from tokzoo.quantizers.usage import LazyStats, UsageTracker, entropy  # noqa: F401  (re-exported for the quantizers)
 from tokzoo.registry import Registry
 
 QUANTIZERS = Registry("quantizer")
@@ -28,7 +30,6 @@ QUANTIZERS = Registry("quantizer")
 # Upper bound on the (tokens x codes) score block of the nearest-code search: 2^24 floats = 64 MiB.
 SEARCH_BLOCK_ELEMENTS = 1 << 24
 UPDATE_CHOICES = ("grad", "ema")
-NEVER = -(1 << 40)
 
 
 @dataclass
@@ -39,144 +40,9 @@ class QuantizerOutput:
     stats: Mapping[str, Tensor] = field(default_factory=dict)  # computed when first read (LazyStats)
 
 
-def world_size() -> int:
-    """Decided at call time: the module is usually built before the process group exists."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def all_reduce_sum(t: Tensor) -> Tensor:
-    if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def broadcast_from_rank0(t: Tensor) -> Tensor:
-    if world_size() > 1:
-        dist.broadcast(t, src=0)
-    return t
-
-
 def round_ste(x: Tensor) -> Tensor:
     """Round with a straight-through (identity) gradient."""
     return x + (x.round() - x).detach()
-
-
-def check_positive(**values: int) -> None:
-    for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"quantizer argument {key}={value!r} must be a positive integer")
-
-
-def entropy(probs: Tensor, dim: int = -1) -> Tensor:
-    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim)
-
-
-class UsageTracker(nn.Module):
-    """Per-code usage over a window of training steps, for n codebooks of K codes.
-
-    usage = fraction of codes hit in the last `window` steps; dead_codes = 1 - usage; perplexity = exp(entropy)
-    of an exponentially averaged code histogram (decay 1 - 1/window). Counts are all-reduced before they are
-    used, so every rank holds identical statistics. All tensors stay on device: reading them is the caller's sync.
-    """
-
-    def __init__(self, num_codebooks: int, codebook_size: int, window: int = 100):
-        super().__init__()
-        self.window = window
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        # "Never used" is a step far in the past, so unused codes count as idle from the start.
-        self.register_buffer("last_used", torch.full((num_codebooks, codebook_size), NEVER, dtype=torch.long))
-        self.register_buffer("histogram", torch.zeros(num_codebooks, codebook_size))
-
-    @torch.no_grad()
-    def update(self, counts: Tensor, hits: Tensor | None = None) -> None:
-        """counts: (n, K) code hits of one training step, already summed over ranks.
-
-        hits (optional): this rank's flat code indices (codebook * K + code, see `flat_codes`). In a single
-        process they mark the used codes in O(tokens) instead of a pass over all n * K codes; under DDP other
-        ranks' hits only show in the reduced counts, so those decide.
-        """
-        self.step += 1
-        if hits is not None and world_size() == 1:
-            # scatter_ of the step tensor: no host sync (index_fill_ would read the value with .item())
-            hits = hits.reshape(-1)
-            self.last_used.view(-1).scatter_(0, hits, self.step.expand(hits.shape))
-        else:
-            self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
-        decay = 1.0 - 1.0 / self.window
-        self.histogram.mul_(decay).add_(counts.float(), alpha=1.0 - decay)
-
-    def idle_steps(self) -> Tensor:
-        return self.step - self.last_used  # (n, K)
-
-    def stats(self) -> LazyStats:
-        """Usage statistics as of now. The buffers are copied (cheap) and the reductions run only when the
-        result is read, which the training loop does once per logging interval, not every step."""
-        step, last_used, histogram = self.step.clone(), self.last_used.clone(), self.histogram.clone()
-        return LazyStats(lambda: usage_stats(step, last_used, histogram, self.window))
-
-
-def usage_stats(step: Tensor, last_used: Tensor, histogram: Tensor, window: int) -> dict[str, Tensor]:
-    # idle < window  <=>  last_used > step - window: one comparison pass over the codes instead of three.
-    live = (last_used > step - window).sum(-1, dtype=torch.int32)  # (n,), exact below 2^31
-    usage = live.float() / last_used.shape[-1]  # (n,)
-    probs = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
-    perplexity = torch.exp(entropy(probs))  # (n,)
-    mean_usage = usage.mean()
-    out = {"usage": mean_usage, "perplexity": perplexity.mean(), "dead_codes": 1.0 - mean_usage}
-    if usage.numel() > 1:
-        for i in range(usage.numel()):
-            out[f"usage/{i}"] = usage[i]
-            out[f"perplexity/{i}"] = perplexity[i]
-            out[f"dead_codes/{i}"] = 1.0 - usage[i]
-    return out
-
-
-class LazyStats(Mapping):
-    """A read-only dict of statistics computed on first access (then cached)."""
-
-    def __init__(self, compute: Callable[[], dict[str, Tensor]]):
-        self._compute = compute
-        self._values: dict[str, Tensor] | None = None
-
-    def _resolved(self) -> dict[str, Tensor]:
-        if self._values is None:
-            self._values = self._compute()
-        return self._values
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._resolved()[key]
-
-    def __iter__(self):
-        return iter(self._resolved())
-
-    def __len__(self) -> int:
-        return len(self._resolved())
-
-    def __repr__(self) -> str:
-        return repr(self._resolved())
-
-
-def flat_codes(indices: Tensor, num_codebooks: int, codebook_size: int) -> Tensor:
-    """indices (M, n) -> (M * n,) indices into the n * K codes of all codebooks (codebook i at offset i * K)."""
-    if num_codebooks == 1:
-        return indices.reshape(-1)
-    offsets = torch.arange(num_codebooks, device=indices.device) * codebook_size
-    return (indices + offsets).reshape(-1)
-
-
-def code_counts(indices: Tensor, num_codebooks: int, codebook_size: int, flat: Tensor | None = None) -> Tensor:
-    """indices (M, n) -> float32 hit counts (n, K) (`flat`: the flat_codes of indices, if already computed).
-
-    One scatter-add of ones over the offset indices: float32 holds every count exactly (far fewer than 2^24
-    tokens per step), it is the dtype the EMA and the all-reduce want, and unlike torch.bincount it needs no
-    host sync on CUDA.
-    """
-    flat = flat_codes(indices, num_codebooks, codebook_size) if flat is None else flat
-    counts = torch.zeros(num_codebooks * codebook_size, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
-    return counts.view(num_codebooks, codebook_size)
 
 
 def _restore_update_count(module: nn.Module, incompatible_keys: object) -> None:
@@ -211,7 +77,7 @@ class CodebookSet(nn.Module):
         zero_code: bool = False,
     ):
         super().__init__()
-        check_positive(num_codebooks=num_codebooks, codebook_size=codebook_size, code_dim=code_dim)
+        positive_int("quantizer codebooks", num_codebooks=num_codebooks, codebook_size=codebook_size, code_dim=code_dim)
         if update not in UPDATE_CHOICES:
             raise ConfigError(f"quantizer argument update='{update}' is unknown; allowed: {', '.join(UPDATE_CHOICES)}")
         if not 0.0 < ema_decay < 1.0:
@@ -300,9 +166,7 @@ class CodebookSet(nn.Module):
         """After a training forward: x (M, n, c) inputs as searched, indices (M, n) their codes."""
         if not self.training:
             return
-        flat = flat_codes(indices, self.num_codebooks, self.codebook_size)
-        counts = all_reduce_sum(code_counts(indices, self.num_codebooks, self.codebook_size, flat))
-        self.tracker.update(counts, flat)
+        flat, counts = self.tracker.record(indices)
         if self.update_rule == "ema":
             self._ema_step(x, flat, counts)
         self._updates += 1
@@ -361,9 +225,14 @@ def kmeans(x: Tensor, num_clusters: int, iters: int) -> Tensor:
 
 
 class Quantizer(nn.Module):
-    """Base class: shape checks and fp32 execution around `quantize`; subclasses set the attributes below."""
+    """Base class: shape checks and fp32 execution around `quantize`; subclasses set the attributes below.
+
+    What the model asks a quantizer instead of testing its name: `continuous` (no vocabulary: the identity
+    baseline), `codebook_parameters()` (kept out of weight decay) and `shape_label` (the vocabulary in plots).
+    """
 
     name: str = ""
+    continuous: bool = False  # True: no indices and no finite vocabulary (codebook_sizes is empty)
     dim: int
     codebook_sizes: list[int]
 
@@ -373,7 +242,29 @@ class Quantizer(nn.Module):
 
     @property
     def bits_per_token(self) -> float:
+        if self.continuous:
+            return float("inf")
         return float(sum(math.log2(k) for k in self.codebook_sizes))
+
+    @property
+    def shape_label(self) -> str:
+        """The vocabulary in a few characters: codes per token x codes per codebook ("4x256" for mcq, "3x16" for
+        rq of depth 3, "1x16384" for vq, "2x200" for fsq of two [8, 5, 5] groups), "continuous 64-d" for none."""
+        if self.continuous:
+            return f"continuous {self.dim}-d"
+        sizes = self.codebook_sizes
+        if len(set(sizes)) == 1:
+            return f"{len(sizes)}x{sizes[0]}"
+        return "+".join(str(k) for k in sizes)
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        """The learnable codebook tensors. Found here for codebooks held in CodebookSets (gradient-learned ones;
+        EMA codebooks are buffers, not parameters); a quantizer with codebook tensors of its own overrides this."""
+        return [
+            book.embed
+            for book in self.modules()
+            if isinstance(book, CodebookSet) and isinstance(book.embed, nn.Parameter)
+        ]
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         if z.ndim != 3 or z.shape[-1] != self.dim:

@@ -17,22 +17,14 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from tokzoo.checks import is_int, positive_int
 from tokzoo.errors import ConfigError
-from tokzoo.quantizers.base import (
-    QUANTIZERS,
-    Quantizer,
-    QuantizerOutput,
-    UsageTracker,
-    all_reduce_sum,
-    check_positive,
-    code_counts,
-    flat_codes,
-)
+from tokzoo.quantizers.base import QUANTIZERS, Quantizer, QuantizerOutput, UsageTracker
 
 EPS = 1e-3
 
 
-@QUANTIZERS.register("fsq")
+@QUANTIZERS.register("fsq", example=dict(levels=[8, 5, 5], num_codebooks=2))
 class FiniteScalarQuantizer(Quantizer):
     name = "fsq"
 
@@ -45,8 +37,8 @@ class FiniteScalarQuantizer(Quantizer):
     ):
         super().__init__()
         levels = list(levels)
-        check_positive(num_codebooks=num_codebooks)
-        if not levels or any(not isinstance(v, int) or isinstance(v, bool) or v < 2 for v in levels):
+        positive_int("fsq", num_codebooks=num_codebooks)
+        if not levels or any(not is_int(v) or v < 2 for v in levels):
             raise ConfigError(f"fsq: levels={levels} must be a non-empty list of integers >= 2, e.g. [8, 5, 5, 5]")
         expected = len(levels) * num_codebooks
         if dim is not None and dim != expected:
@@ -88,10 +80,7 @@ class FiniteScalarQuantizer(Quantizer):
         z_hat = (bounded + (steps - bounded).detach()) / self.half_width
         indices = self._indices_from_steps(steps)  # (B*N, G)
         if self.training:
-            with torch.no_grad():
-                flat = flat_codes(indices, self.num_codebooks, self.codebook_sizes[0])
-                counts = code_counts(indices, self.num_codebooks, self.codebook_sizes[0], flat)
-                self.tracker.update(all_reduce_sum(counts), flat)
+            self.tracker.record(indices)
         return QuantizerOutput(
             z_q=z_hat.view(b, t, self.dim),
             indices=indices.view(b, t, self.num_codebooks),

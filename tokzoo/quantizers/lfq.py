@@ -16,23 +16,14 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from tokzoo.checks import positive_int
 from tokzoo.errors import ConfigError
-from tokzoo.quantizers.base import (
-    QUANTIZERS,
-    Quantizer,
-    QuantizerOutput,
-    UsageTracker,
-    all_reduce_sum,
-    check_positive,
-    code_counts,
-    entropy,
-    flat_codes,
-)
+from tokzoo.quantizers.base import QUANTIZERS, Quantizer, QuantizerOutput, UsageTracker, entropy
 
 MAX_GROUP_BITS = 16
 
 
-@QUANTIZERS.register("lfq")
+@QUANTIZERS.register("lfq", example=dict(dim=8, num_codebooks=2))
 class LookupFreeQuantizer(Quantizer):
     name = "lfq"
 
@@ -47,7 +38,7 @@ class LookupFreeQuantizer(Quantizer):
         stats_window: int = 100,
     ):
         super().__init__()
-        check_positive(dim=dim, num_codebooks=num_codebooks)
+        positive_int("lfq", dim=dim, num_codebooks=num_codebooks)
         if dim % num_codebooks:
             raise ConfigError(
                 f"lfq: dim={dim} (number of bits) is not divisible by num_codebooks={num_codebooks}; "
@@ -82,10 +73,7 @@ class LookupFreeQuantizer(Quantizer):
         if self.entropy_weight > 0 and self.training:
             loss = loss + self.entropy_weight * self.entropy_loss(x)
         if self.training:
-            with torch.no_grad():
-                flat = flat_codes(indices, self.num_codebooks, self.codebook_sizes[0])
-                counts = code_counts(indices, self.num_codebooks, self.codebook_sizes[0], flat)
-                self.tracker.update(all_reduce_sum(counts), flat)
+            self.tracker.record(indices)
 
         x_q = x + (q - x).detach()
         return QuantizerOutput(

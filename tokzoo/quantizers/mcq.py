@@ -10,11 +10,12 @@ from __future__ import annotations
 from einops import rearrange
 from torch import Tensor
 
+from tokzoo.checks import positive_int
 from tokzoo.errors import ConfigError
-from tokzoo.quantizers.base import QUANTIZERS, CodebookSet, Quantizer, QuantizerOutput, check_positive
+from tokzoo.quantizers.base import QUANTIZERS, CodebookSet, Quantizer, QuantizerOutput
 
 
-@QUANTIZERS.register("mcq")
+@QUANTIZERS.register("mcq", example=dict(dim=8, num_codebooks=2, codebook_size=16))
 class MultiCodebookQuantizer(Quantizer):
     name = "mcq"
 
@@ -33,7 +34,7 @@ class MultiCodebookQuantizer(Quantizer):
         stats_window: int = 100,
     ):
         super().__init__()
-        check_positive(dim=dim, num_codebooks=num_codebooks, codebook_size=codebook_size)
+        positive_int(self.name, dim=dim, num_codebooks=num_codebooks, codebook_size=codebook_size)
         if dim % num_codebooks:
             raise ConfigError(
                 f"{self.name}: dim={dim} is not divisible by num_codebooks={num_codebooks}; "

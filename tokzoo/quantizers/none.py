@@ -7,22 +7,20 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tokzoo.quantizers.base import QUANTIZERS, Quantizer, QuantizerOutput, check_positive
+from tokzoo.checks import positive_int
+from tokzoo.quantizers.base import QUANTIZERS, Quantizer, QuantizerOutput
 
 
-@QUANTIZERS.register("none")
+@QUANTIZERS.register("none", example=dict(dim=8))
 class IdentityQuantizer(Quantizer):
     name = "none"
+    continuous = True  # no indices, no finite vocabulary: bits_per_token is inf
 
     def __init__(self, dim: int = 64):
         super().__init__()
-        check_positive(dim=dim)
+        positive_int("none", dim=dim)
         self.dim = dim
         self.codebook_sizes = []
-
-    @property
-    def bits_per_token(self) -> float:
-        return float("inf")  # continuous: no finite vocabulary
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         # The base class checks the shape and round-trips through fp32; the identity must be exact in every dtype

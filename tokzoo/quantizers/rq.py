@@ -15,17 +15,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from tokzoo.quantizers.base import (
-    QUANTIZERS,
-    CodebookSet,
-    LazyStats,
-    Quantizer,
-    QuantizerOutput,
-    check_positive,
-)
+from tokzoo.checks import positive_int
+from tokzoo.quantizers.base import QUANTIZERS, CodebookSet, LazyStats, Quantizer, QuantizerOutput
 
 
-@QUANTIZERS.register("rq")
+@QUANTIZERS.register("rq", example=dict(dim=8, depth=3, codebook_size=16))
 class ResidualQuantizer(Quantizer):
     name = "rq"
 
@@ -45,7 +39,7 @@ class ResidualQuantizer(Quantizer):
         zero_code: bool = True,
     ):
         super().__init__()
-        check_positive(dim=dim, depth=depth, codebook_size=codebook_size)
+        positive_int("rq", dim=dim, depth=depth, codebook_size=codebook_size)
         self.dim, self.depth, self.shared_codebook = dim, depth, shared_codebook
         self.codebook_sizes = [codebook_size] * depth
         self.commitment_weight, self.codebook_weight, self.update_rule = commitment_weight, codebook_weight, update

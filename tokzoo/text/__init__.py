@@ -12,9 +12,9 @@ Names: tokenizer `clip_bpe`; towers `transformer` (all sizes explicit) and `tran
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from tokzoo.backbones.vit import build_checked
 from tokzoo.registry import Registry
 from tokzoo.text.tokenizer import ClipBPETokenizer
 from tokzoo.text.tower import TextTransformer
@@ -36,12 +36,12 @@ __all__ = [
 
 def build_tokenizer(name: str, **kwargs: Any) -> ClipBPETokenizer:
     """Build a registered tokenizer; unknown names or arguments raise ConfigError."""
-    return build_checked(TOKENIZERS, name, kwargs)
+    return TOKENIZERS.build(name, **kwargs)
 
 
 def build_text_tower(name: str, **kwargs: Any) -> TextTransformer:
     """Build a registered text tower; unknown names, unknown or missing arguments raise ConfigError."""
-    return build_checked(TEXT_TOWERS, name, kwargs)
+    return TEXT_TOWERS.build(name, **kwargs)
 
 
 def list_tokenizers() -> list[str]:
@@ -52,38 +52,11 @@ def list_text_towers() -> list[str]:
     return TEXT_TOWERS.names()
 
 
-@TOKENIZERS.register("clip_bpe")
-def clip_bpe(context_length: int = 77) -> ClipBPETokenizer:
-    return ClipBPETokenizer(context_length)
+UNITOK_TEXT = {"vocab_size": 49408, "context_length": 77, "width": 768, "depth": 12, "heads": 12, "embed_dim": 768}
+# Examples (tests/test_contracts.py): one narrow block over a short context and a small vocabulary.
+SMALL_TEXT = {"vocab_size": 64, "context_length": 8, "width": 16, "depth": 1, "heads": 2, "embed_dim": 12}
 
-
-@TEXT_TOWERS.register("transformer")
-def transformer(
-    vocab_size: int,
-    context_length: int,
-    width: int,
-    depth: int,
-    heads: int,
-    embed_dim: int,
-    mlp_ratio: float = 4.0,
-    grad_checkpointing: bool = False,
-) -> TextTransformer:
-    return TextTransformer(
-        vocab_size, context_length, width, depth, heads, embed_dim, mlp_ratio, grad_checkpointing
-    )
-
-
-@TEXT_TOWERS.register("transformer_unitok")
-def transformer_unitok(
-    vocab_size: int = 49408,
-    context_length: int = 77,
-    width: int = 768,
-    depth: int = 12,
-    heads: int = 12,
-    embed_dim: int = 768,
-    mlp_ratio: float = 4.0,
-    grad_checkpointing: bool = False,
-) -> TextTransformer:
-    return TextTransformer(
-        vocab_size, context_length, width, depth, heads, embed_dim, mlp_ratio, grad_checkpointing
-    )
+TOKENIZERS.register("clip_bpe", example=dict(context_length=8))(ClipBPETokenizer)
+TEXT_TOWERS.register("transformer", example=SMALL_TEXT)(TextTransformer)
+# A preset: the same class with UniTok's sizes as defaults (any argument overrides).
+TEXT_TOWERS.register("transformer_unitok", example=SMALL_TEXT)(partial(TextTransformer, **UNITOK_TEXT))

@@ -8,7 +8,8 @@ from functools import lru_cache
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from tokzoo.errors import ConfigError, DataError
+from tokzoo.checks import int_at_least
+from tokzoo.errors import DataError
 
 
 @lru_cache(maxsize=1)
@@ -38,11 +39,7 @@ class ClipBPETokenizer:
     pad_id = 0
 
     def __init__(self, context_length: int = 77):
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
-            raise ConfigError(
-                f"clip_bpe tokenizer: context_length must be an integer >= 2 (room for SOT and EOT), "
-                f"got {context_length!r}"
-            )
+        int_at_least(2, "clip_bpe tokenizer (room for SOT and EOT)", context_length=context_length)
         self.context_length = context_length
         self._bpe = _shared_bpe()
         self.vocab_size: int = self._bpe.vocab_size

@@ -10,13 +10,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
 
-from tokzoo.backbones.vit import (
-    check_divides,
-    check_positive,
-    check_positive_ints,
-    init_vit_weights,
-    run_blocks,
-)
+from tokzoo.backbones.vit import init_vit_weights, run_blocks
+from tokzoo.checks import divides, positive_int, positive_number
 from tokzoo.errors import ConfigError
 
 # Recent timm releases (the installed 1.0.31 among them) let Block.forward take an attention mask; older
@@ -73,7 +68,7 @@ class TextTransformer(nn.Module):
     ):
         super().__init__()
         what = "text tower"
-        check_positive_ints(
+        positive_int(
             what,
             vocab_size=vocab_size,
             context_length=context_length,
@@ -82,8 +77,8 @@ class TextTransformer(nn.Module):
             heads=heads,
             embed_dim=embed_dim,
         )
-        check_divides(what, "width", width, "heads", heads)
-        check_positive(what, mlp_ratio=mlp_ratio)
+        divides(what, "width", width, "heads", heads)
+        positive_number(what, mlp_ratio=mlp_ratio)
         self.vocab_size, self.context_length = vocab_size, context_length
         self.width, self.embed_dim = width, embed_dim
         self.grad_checkpointing = grad_checkpointing

@@ -1,0 +1,9 @@
+"""`python -m tokzoo.sweep run-trial DIR`: the command the sweep starts per trial (and Lightning re-executes per
+DDP rank, as `python -m tokzoo.sweep.__main__ ...`)."""
+
+import sys
+
+from tokzoo.sweep.trial import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,15 +20,18 @@ from optuna.trial import TrialState
 
 from tokzoo.errors import ConfigError
 from tokzoo.sweep import (
+    BEAT_ATTR,
     OWNER_ATTR,
     Requeue,
     budget_used,
     fail_stale,
     load_sweep,
+    open_storage,
     process_identity,
     resolve_objectives,
     suggest,
 )
+from tokzoo.sweep.optuna_side import record_beat
 
 PSNR = [{"metric": "val/psnr", "direction": "maximize"}]
 GRID = {
@@ -186,6 +189,20 @@ def test_stale_trial_of_a_dead_sweep_is_failed_and_requeued(tmp_path: Path) -> N
     assert waiting.params == params and waiting.system_attrs["failed_trial"] == trial.number
     assert budget_used(trials) == 2  # the failed original does not count, its re-queued copy does
     assert study.ask().params == params  # the next ask runs the copy
+
+
+def test_live_trial_of_another_host_is_not_failed_on_a_heartbeat_storage(tmp_path: Path) -> None:
+    """With an RDB (native heartbeat), a trial whose owner is on another host and beats through Optuna's heartbeat
+    stays RUNNING, however old tokzoo's own start-time attr is (it was failed after `grace` seconds before)."""
+    spec = load_sweep(sweep_file(tmp_path, heartbeat={"interval": 1, "grace": 5}), storage=f"sqlite:///{tmp_path}/o.db")
+    study = optuna.create_study(storage=open_storage(spec.storage, 1, 5), study_name="tiny")
+    trial = study.ask()
+    storage = study._storage
+    storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, "another-host:4242:123")
+    storage.set_trial_system_attr(trial._trial_id, BEAT_ATTR, time.time() - 3600)  # written once, an hour ago
+    record_beat(storage, trial._trial_id)  # what the owning sweep process does every interval
+    assert fail_stale(study, spec, Requeue(max_retry=2)) == []
+    assert study.get_trials()[trial.number].state == TrialState.RUNNING
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[tuple[Any, Any]]:

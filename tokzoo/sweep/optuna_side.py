@@ -166,7 +166,8 @@ def fail_stale(study: optuna.Study, spec: SweepSpec, requeue: Requeue) -> list[i
     storage = study._storage  # storage-level calls: a trial of another process cannot be told through a Trial
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    if is_heartbeat_enabled(storage):
+    native = is_heartbeat_enabled(storage)
+    if native:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # RDB heartbeat: fails and calls Requeue
@@ -178,7 +179,10 @@ def fail_stale(study: optuna.Study, spec: SweepSpec, requeue: Requeue) -> list[i
             continue
         alive = owner_alive(owner)
         beat = t.system_attrs.get(BEAT_ATTR)
-        stale = alive is False or (alive is None and beat is not None and now - beat > spec.grace_period)
+        # Another host's trial: on an RDB only Optuna's heartbeat (refreshed by record_beat) judges it; our attr is
+        # written once there, so reading it would fail live trials of other hosts once the grace period passed.
+        old_beat = not native and beat is not None and now - beat > spec.grace_period
+        stale = alive is False or (alive is None and old_beat)
         if not stale:
             continue
         reason = f"stale: its sweep process {owner} is gone (killed or crashed)"

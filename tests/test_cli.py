@@ -211,6 +211,9 @@ FULL_METRICS = [
     "val/codebook_usage",
     "val/perplexity",
     "val/dead_codes",
+    "val/code_mi_bits",
+    "val/code_class_nmi",
+    "val/code_stability",
     "train/loss",
     "train/loss_recon",
     "train/loss_contra",
@@ -313,6 +316,7 @@ def test_full_variants_log_every_metric(e2e, name):
         assert 0 <= metrics[acc] <= 1
     assert metrics["val/psnr"] > 0 and -1 <= metrics["val/ssim"] <= 1
     assert metrics["perf/images_per_sec"] > 0
+    assert 0 <= metrics["val/code_class_nmi"] <= 1 and 0 <= metrics["val/code_stability"] <= 1
     # train/loss is the weighted sum of its terms, so it is at least the (unit-weighted) recon term
     assert metrics["train/loss"] > 0
     assert ("train/grad_cos_recon_contra" in metrics) == (name == "mcq")
@@ -374,6 +378,6 @@ def test_continuous_variant_runs(e2e):
     for metric in ("val/psnr", "val/ssim", "val/zeroshot_acc", "val/linprobe_acc", "train/loss"):
         assert metric in metrics
     assert all(finite(v) for v in metrics.values()), metrics
-    for metric in ("val/codebook_usage", "val/perplexity", "val/dead_codes"):
+    for metric in ("val/codebook_usage", "val/perplexity", "val/dead_codes", "val/code_mi_bits", "val/code_stability"):
         assert metric not in metrics
         assert "continuous" in run.data.tags.get(f"absent.{metric}", "")

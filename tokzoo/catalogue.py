@@ -69,6 +69,10 @@ def _continuous(config: dict[str, Any]) -> str | None:
     return f"quantizer '{name}' is continuous" if getattr(QUANTIZERS.get(name), "continuous", False) else None
 
 
+def _no_stability_images(config: dict[str, Any]) -> str | None:
+    return None if config["eval"]["stability_images"] > 0 else "eval.stability_images=0"
+
+
 def _no_gan(config: dict[str, Any]) -> str | None:
     if config["loss"]["supervision"] == "contra" or not config["loss"]["gan_weight"] > 0:
         return "no GAN term (loss.gan_weight=0 or supervision=contra)"
@@ -121,6 +125,18 @@ _ENTRIES = (
         "val/perplexity/<k>", "perplexity (codebook k)", "code perplexity of sub-codebook k", True,
         absent_when=CODEBOOK_RULES,
     ),
+    Metric(
+        "val/code_mi_bits", "code MI (bits)", "mutual information between a token's codes (bits)", False,
+        absent_when=(*CODEBOOK_RULES, _eval_off("token_diagnostics")),
+    ),
+    Metric(
+        "val/code_class_nmi", "code-class NMI", "NMI of codes and image class", True,
+        absent_when=(*CODEBOOK_RULES, _eval_off("token_diagnostics")),
+    ),
+    Metric(
+        "val/code_stability", "code stability", "codes unchanged under 40 dB noise (%)", True, 100.0,
+        absent_when=(*CODEBOOK_RULES, _eval_off("token_diagnostics"), _no_stability_images),
+    ),
     Metric("val/bits_per_token", "bits/token", "bits per token", None, absent_when=CODEBOOK_RULES),
     Metric("train/loss", "loss", "training loss", False),
     Metric("train/loss_quant", "quant. loss", "quantizer loss", False),
@@ -151,7 +167,10 @@ _PATTERNS = [(re.compile("^" + re.escape(m.name).replace("<k>", r"\d+") + "$"), 
 # Headline validation metrics, in the order tables and plots show them.
 HEADLINE = tuple(m.name for m in _ENTRIES if m.headline)
 # The columns of `tokzoo compare`: the headline, then diagnostics.
-TABLE = (*HEADLINE, "val/dead_codes", "train/grad_cos_recon_contra", "perf/images_per_sec", "perf/wall_seconds")
+TABLE = (
+    *HEADLINE, "val/dead_codes", "val/code_mi_bits", "val/code_class_nmi", "val/code_stability",
+    "train/grad_cos_recon_contra", "perf/images_per_sec", "perf/wall_seconds",
+)  # fmt: skip
 
 
 def lookup(name: str) -> Metric | None:

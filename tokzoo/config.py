@@ -157,6 +157,9 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("zero_shot", "retrieval", "linear_probe", "lpips", "rfid"):
         _expect(cfg, f"eval.{key}", bool)
     _expect(cfg, "eval.grid_images", int, minimum=0)
+    _expect(cfg, "eval.token_diagnostics", bool)
+    _expect(cfg, "eval.stability_images", int, minimum=0)
+    _expect(cfg, "eval.stability_psnr_db", (int, float), minimum=0)
     _expect(cfg, "trainer.max_steps", int, minimum=1)
     if cfg["loss"]["supervision"] == "contra" and cfg["loss"]["gan_weight"] > 0:
         raise ConfigError("config sets loss.gan_weight > 0 with loss.supervision=contra; a GAN needs reconstruction")

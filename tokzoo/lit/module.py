@@ -19,7 +19,9 @@ from tokzoo.losses.objective import TokenizerObjective, gradient_conflict
 from tokzoo.metrics import (
     CodebookUsage,
     FidelityMetrics,
+    TokenDiagnostics,
     linear_probe_accuracy,
+    noise_at_psnr,
     retrieval_recall_at_1,
     zero_shot_accuracy,
 )
@@ -57,12 +59,15 @@ class TokenizerModule(L.LightningModule):
         self.fidelity = FidelityMetrics(lpips=ev["lpips"], rfid=ev["rfid"]) if self.model.decoder is not None else None
         sizes = self.model.quantizer.codebook_sizes
         self.codebook_usage = CodebookUsage(sizes) if sizes else None
+        self.tokens = TokenDiagnostics(sizes) if sizes and ev["token_diagnostics"] else None
         # metric name -> why it is not logged (tagged on the MLflow run): the catalogue's rules for this config, then
         # what the parts found at build time (missing weights) and validation finds (no labels, too few images)
         self.absent: dict[str, str] = absent_metrics(config)
         self.absent.update({f"train/{k}": v for k, v in self.objective.absent.items()})
         if self.fidelity is not None:
             self.absent.update({f"val/{k}": v for k, v in self.fidelity.absent.items()})
+        if len(sizes) == 1:
+            self.absent.setdefault("val/code_mi_bits", "one code per token: no pair of codes to relate")
         if config["compile"]:
             # In place (nn.Module.compile): parameter names and checkpoints stay the same as uncompiled. The
             # quantizer stays eager: its host-side bookkeeping and data-dependent updates would break graphs.
@@ -136,6 +141,8 @@ class TokenizerModule(L.LightningModule):
             self.fidelity.reset()
         if self.codebook_usage is not None:
             self.codebook_usage.reset()
+        if self.tokens is not None:
+            self.tokens.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
@@ -146,6 +153,8 @@ class TokenizerModule(L.LightningModule):
                 self._save_grid(images, out.recon)
         if self.codebook_usage is not None:
             self.codebook_usage.update(out.quant.indices)
+        if self.tokens is not None:
+            self.tokens.update(out.quant.indices, batch["label"], self._noisy_codes(images, batch_idx))
         self._val["codes"].append(out.pooled_codes.float())
         self._val["labels"].append(batch["label"])
         if out.image_emb is not None:
@@ -162,6 +171,8 @@ class TokenizerModule(L.LightningModule):
         if self.codebook_usage is not None:
             metrics.update(self.codebook_usage.compute())
             metrics["bits_per_token"] = self.model.quantizer.bits_per_token
+        if self.tokens is not None:
+            metrics.update(self.tokens.compute())
         if self._val["text_emb"]:
             metrics["retrieval_r1"] = retrieval_recall_at_1(
                 gather_rows(torch.cat(self._val["image_emb"])),
@@ -181,6 +192,17 @@ class TokenizerModule(L.LightningModule):
                 self.absent.setdefault(f"val/{key}", "the validation data has no class labels")
         # Every rank computed the same global values (gathered above), so no further reduction is needed.
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}, sync_dist=False)
+
+    def _noisy_codes(self, images: Tensor, batch_idx: int) -> Tensor | None:
+        """Codes of this batch's first images with invisible Gaussian noise (eval.stability_psnr_db), until
+        eval.stability_images images of this rank were seen; a generator of its own keeps the global RNG as is."""
+        cfg = self.config["eval"]
+        room = cfg["stability_images"] - self.tokens.noisy_images
+        if room <= 0:
+            return None
+        g = torch.Generator().manual_seed(self.config["seed"] * 100_003 + batch_idx)
+        noisy = noise_at_psnr(images[:room], cfg["stability_psnr_db"], g)
+        return self.model.encode(noisy).indices
 
     def _linear_probe(self, feats: Tensor, labels: Tensor) -> float:
         """Fit on even-indexed validation samples, test on odd ones (deterministic split of the val set)."""

@@ -13,6 +13,11 @@ __test__ = False
 STAT_KEYS = ("usage", "perplexity", "dead_codes")
 
 
+def tokens(q, n: int) -> int:
+    """n tokens per sample, or the count the quantizer requires (msrq: its square grid, `num_tokens`)."""
+    return n if q.num_tokens is None else q.num_tokens
+
+
 def check_invariants(q, b: int, n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     """Shapes, index ranges and decode == z_q (eval) for one random input of a discrete quantizer; returns z_q."""
     torch.manual_seed(seed)
@@ -41,7 +46,7 @@ def check_index_ranges(q, indices: torch.Tensor) -> None:
 def check_bf16_autocast(q) -> None:
     """Under bf16 autocast: bf16 out for bf16 in, fp32 out for fp32 in, the fp32 indices, finite training step."""
     q.eval()
-    z = torch.randn(4, 64, q.dim).bfloat16()
+    z = torch.randn(4, tokens(q, 64), q.dim).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = q(z)
         out32_in = q(z.float())  # fp32 input under autocast stays fp32 out

@@ -100,7 +100,7 @@ def run_case(rank: int, kind: str, kwargs: dict, steps: int) -> dict:
     input_sum = 0.0
     for _ in range(steps):
         # Different data per rank, and a different distribution, so per-rank statistics would differ.
-        z = torch.randn(4, 6, q.dim) * (1.0 + rank) + 0.5 * rank
+        z = torch.randn(4, q.num_tokens or 6, q.dim) * (1.0 + rank) + 0.5 * rank  # msrq: its grid's tokens
         input_sum += float(z.sum())
         out = model(z)
         if opt is not None:

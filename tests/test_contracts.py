@@ -3,7 +3,8 @@
 registered none fails here, by name, instead of silently going untested. A new component gets these for free.
 
 Contracts (../shared/docs/ARCHITECTURE.md "Public Python contract"): quantizers (B, N, dim) -> z_q (B, N, dim),
-indices (B, N, C) int64, scalar loss, stats, decode == z_q in eval; factorizations (B, N, in) -> (B, N, out);
+indices (B, N, C) int64, scalar loss, stats, decode == z_q in eval (a quantizer that sets `num_tokens`, msrq's
+square grid, gets that many tokens per sample); factorizations (B, N, in) -> (B, N, out);
 encoders (B, 3, H, W) -> (B, N, width) and decoders back; tokenizers str -> ids; text towers ids -> (B, embed_dim);
 datasets yield what the DataModule collates.
 """
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
-from component_checks import STAT_KEYS, check_bf16_autocast, check_index_ranges, check_invariants
+from component_checks import STAT_KEYS, check_bf16_autocast, check_index_ranges, check_invariants, tokens
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,10 +119,10 @@ def discrete(name: str) -> bool:
 def test_quantizer_output_contract(name: str) -> None:
     for dtype, training in itertools.product((torch.float32, torch.float64), (True, False)):
         q = build(QUANTIZERS, name).train(training)
-        z = torch.randn(3, 5, q.dim, dtype=dtype)
+        z = torch.randn(3, tokens(q, 5), q.dim, dtype=dtype)
         out = q(z)
         assert out.z_q.shape == z.shape and out.z_q.dtype == dtype
-        assert out.indices.shape == (3, 5, len(q.codebook_sizes)) and out.indices.dtype == torch.int64
+        assert out.indices.shape == (3, z.shape[1], len(q.codebook_sizes)) and out.indices.dtype == torch.int64
         assert q.num_codes_per_token == len(q.codebook_sizes)
         assert out.loss.shape == () and torch.isfinite(out.loss)
         assert isinstance(out.stats, Mapping)
@@ -145,9 +146,9 @@ def test_quantizer_rejects_inputs_of_the_wrong_shape(name: str) -> None:
 def test_quantizer_decode_equals_z_q_in_eval(name: str) -> None:
     q = build(QUANTIZERS, name).train()
     for _ in range(3):  # move EMA codebooks / trackers a little first; decode must follow the current codes
-        q(torch.randn(4, 6, q.dim))
+        q(torch.randn(4, tokens(q, 6), q.dim))
     q.eval()
-    z = torch.randn(4, 6, q.dim) * 2
+    z = torch.randn(4, tokens(q, 6), q.dim) * 2
     out = q(z)
     if not discrete(name):  # continuous: nothing to decode, no vocabulary
         assert q.codebook_sizes == [] and out.indices.shape == (4, 6, 0)
@@ -164,7 +165,7 @@ def test_quantizer_decode_equals_z_q_in_eval(name: str) -> None:
 @quantizer_names
 def test_quantizer_straight_through_gradient_reaches_input(name: str) -> None:
     q = build(QUANTIZERS, name).train()
-    z = torch.randn(3, 4, q.dim, requires_grad=True)
+    z = torch.randn(3, tokens(q, 4), q.dim, requires_grad=True)
     q(z).z_q.sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
     assert (z.grad != 0).any()
@@ -186,11 +187,11 @@ def test_quantizer_bits_per_token_and_shape_label(name: str) -> None:
 def test_quantizer_state_dict_round_trip(name: str) -> None:
     q = build(QUANTIZERS, name).train()
     for _ in range(3):
-        q(torch.randn(4, 6, q.dim))
+        q(torch.randn(4, tokens(q, 6), q.dim))
     torch.manual_seed(1)  # a different initialisation, overwritten by the load
     fresh = build(QUANTIZERS, name)
     fresh.load_state_dict(copy.deepcopy(q.state_dict()))  # strict: the same keys
-    z = torch.randn(4, 6, q.dim)
+    z = torch.randn(4, tokens(q, 6), q.dim)
     a, b = q.eval()(z), fresh.eval()(z)
     assert torch.equal(a.z_q, b.z_q) and torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.loss, b.loss)
@@ -202,14 +203,14 @@ def test_quantizer_state_dict_round_trip(name: str) -> None:
 @quantizer_names
 def test_quantizer_statistics_only_move_in_training(name: str) -> None:
     q = build(QUANTIZERS, name).eval()
-    before = q(torch.randn(2, 6, q.dim)).stats
+    before = q(torch.randn(2, tokens(q, 6), q.dim)).stats
     state = copy.deepcopy(q.state_dict())
-    q(torch.randn(2, 6, q.dim))
+    q(torch.randn(2, tokens(q, 6), q.dim))
     for key, value in q.state_dict().items():
         assert torch.equal(value, state[key]), key
     if discrete(name):
         assert float(before["usage"]) == 0.0 and float(before["dead_codes"]) == 1.0
-        after = q.train()(torch.randn(2, 6, q.dim)).stats
+        after = q.train()(torch.randn(2, tokens(q, 6), q.dim)).stats
         assert float(after["usage"]) > 0.0
 
 
@@ -224,7 +225,7 @@ def test_quantizer_codebook_parameters_are_exactly_the_codebooks(name: str) -> N
     if not discrete(name):
         assert returned == []
         return
-    out = q(torch.randn(2, 6, q.dim))
+    out = q(torch.randn(2, tokens(q, 6), q.dim))
     q.zero_grad()
     decoded = q.decode(out.indices)
     if decoded.requires_grad:  # else (lfq, fsq, EMA codebooks) decode reads no learnable tensor
@@ -243,7 +244,8 @@ def test_quantizer_bf16_autocast(name: str) -> None:
 @given(b=st.integers(1, 3), n=st.integers(1, 6), seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 1.0, 5.0]))
 def test_quantizer_invariants_on_random_inputs(name: str, b: int, n: int, seed: int, scale: float) -> None:
     if discrete(name):
-        check_invariants(build(QUANTIZERS, name), b, n, seed, scale)
+        q = build(QUANTIZERS, name)
+        check_invariants(q, b, tokens(q, n), seed, scale)
     else:
         z = torch.randn(b, n, build(QUANTIZERS, name).dim) * scale
         assert torch.equal(build(QUANTIZERS, name)(z).z_q, z)

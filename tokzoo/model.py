@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokzoo.backbones import build_decoder, build_encoder
+from tokzoo.errors import ConfigError
 from tokzoo.factorization import build_factorization
 from tokzoo.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
 from tokzoo.text import build_text_tower, build_tokenizer
@@ -51,6 +52,14 @@ class UnifiedTokenizer(nn.Module):
         if QUANTIZERS.get(q_name).continuous:
             q_kw.setdefault("dim", self.encoder.width)  # a continuous baseline has no bottleneck unless told so
         self.quantizer = build_quantizer(q_name, **q_kw)
+        wanted, grid = getattr(self.quantizer, "num_tokens", None), getattr(self.encoder, "num_tokens", None)
+        if wanted is not None and grid is not None and wanted != grid:  # before training, in the variant check
+            raise ConfigError(
+                f"quantizer '{q_name}' takes {wanted} tokens per image but the encoder gives {grid} "
+                f"({int(grid**0.5)}x{int(grid**0.5)}); set model.quantizer.scales to end at {int(grid**0.5)}"
+                if hasattr(self.quantizer, "scales")
+                else f"quantizer '{q_name}' takes {wanted} tokens per image but the encoder gives {grid}"
+            )
         f_name, f_kw = _kwargs(model_cfg["factorization"])
         self.factor_down = build_factorization(f_name, in_dim=self.encoder.width, out_dim=self.quantizer.dim, **f_kw)
         # The up-projection restores the encoder width; the decoder and the contrastive head read from there.

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokzoo.checks import positive_int
+from tokzoo.checks import positive_int, positive_number
 from tokzoo.distributed import all_reduce_sum, broadcast_from_rank0, world_size  # noqa: F401  (re-exported)
 from tokzoo.errors import ConfigError
 from tokzoo.quantizers.usage import LazyStats, UsageTracker, entropy  # noqa: F401  (re-exported for the quantizers)
@@ -207,6 +207,17 @@ class CodebookSet(nn.Module):
         self.tracker.last_used.copy_(torch.where(mask, self.tracker.step, self.tracker.last_used))
 
 
+def check_codebook_options(
+    what: str, rotation_trick: object, entropy_weight: object, entropy_temperature: object
+) -> None:
+    """The rotation-trick and entropy options of the codebook quantizers (vq, mcq, rq)."""
+    if not isinstance(rotation_trick, bool):
+        raise ConfigError(f"{what}: rotation_trick={rotation_trick!r} must be true or false")
+    if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) or entropy_weight < 0:
+        raise ConfigError(f"{what}: entropy_weight={entropy_weight!r} must be a number >= 0 (0 turns the term off)")
+    positive_number(what, entropy_temperature=entropy_temperature)
+
+
 @torch.no_grad()
 def kmeans(x: Tensor, num_clusters: int, iters: int) -> Tensor:
     """Batched Lloyd k-means. x (M, n, c) -> centroids (n, K, c); seeds sampled with replacement when M < K."""
@@ -235,6 +246,9 @@ class Quantizer(nn.Module):
     continuous: bool = False  # True: no indices and no finite vocabulary (codebook_sizes is empty)
     dim: int
     codebook_sizes: list[int]
+    # Tokens per sample the quantizer requires (msrq: its square grid), None for any count; the contract tests
+    # feed this many when it is set.
+    num_tokens: int | None = None
 
     @property
     def num_codes_per_token(self) -> int:

@@ -3,6 +3,13 @@ its own codebook of K codes, concatenate. Effective vocabulary K^n, so bits per 
 
 `codebook_size` is the size of EACH sub-codebook (UniTok's code divides a total vocabulary by n instead:
 32768 total = 8 x 4096; here you would write num_codebooks=8, codebook_size=4096).
+
+Options, both off by default (then the output is bit-identical to the plain quantizer):
+- rotation_trick: the gradient reaches each chunk through the rotation and rescaling that maps it onto its code
+  (Fifty et al. 2024; rotation.py) instead of the identity straight-through; the forward value is unchanged.
+- entropy_weight > 0: adds entropy_weight * (mean per-token entropy - entropy of the batch-mean assignment) of
+  softmax(-||x - e_k||^2 / entropy_temperature) per codebook, averaged over codebooks, to the training loss
+  (MAGVIT-v2's LFQ term on a learned codebook; codebook_entropy.py, which also states its memory cost).
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from torch import Tensor
 
 from tokzoo.checks import positive_int
 from tokzoo.errors import ConfigError
-from tokzoo.quantizers.base import QUANTIZERS, CodebookSet, Quantizer, QuantizerOutput
+from tokzoo.quantizers.base import QUANTIZERS, CodebookSet, Quantizer, QuantizerOutput, check_codebook_options
+from tokzoo.quantizers.codebook_entropy import codebook_entropy_loss
+from tokzoo.quantizers.rotation import straight_through
 
 
 @QUANTIZERS.register("mcq", example=dict(dim=8, num_codebooks=2, codebook_size=16))
@@ -32,9 +41,13 @@ class MultiCodebookQuantizer(Quantizer):
         kmeans_init: bool = False,
         restart_dead_after: int = 0,
         stats_window: int = 100,
+        rotation_trick: bool = False,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.01,
     ):
         super().__init__()
         positive_int(self.name, dim=dim, num_codebooks=num_codebooks, codebook_size=codebook_size)
+        check_codebook_options(self.name, rotation_trick, entropy_weight, entropy_temperature)
         if dim % num_codebooks:
             raise ConfigError(
                 f"{self.name}: dim={dim} is not divisible by num_codebooks={num_codebooks}; "
@@ -43,6 +56,8 @@ class MultiCodebookQuantizer(Quantizer):
         self.dim, self.num_codebooks = dim, num_codebooks
         self.codebook_sizes = [codebook_size] * num_codebooks
         self.commitment_weight, self.codebook_weight = commitment_weight, codebook_weight
+        self.rotation_trick = rotation_trick
+        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.codebooks = CodebookSet(
             num_codebooks,
             codebook_size,
@@ -70,9 +85,11 @@ class MultiCodebookQuantizer(Quantizer):
         loss = self.commitment_weight * commitment
         if self.codebooks.update_rule == "grad":
             loss = loss + self.codebook_weight * (e - x.detach()).pow(2).mean()
+        if self.entropy_weight > 0 and self.training:
+            loss = loss + self.entropy_weight * codebook_entropy_loss(x, codes, self.entropy_temperature)
         self.codebooks.update(x, indices)
 
-        x_q = x + (e - x).detach()  # straight-through
+        x_q = straight_through(x, e, self.rotation_trick)
         return QuantizerOutput(
             z_q=rearrange(x_q, "(b t) n c -> b t (n c)", b=b),
             indices=rearrange(indices, "(b t) n -> b t n", b=b),

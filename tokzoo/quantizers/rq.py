@@ -5,6 +5,12 @@ follow shrinking residual norms). Effective vocabulary K^D, so bits per token = 
 Defaults follow VILA-U: EMA codebooks (decay 0.99) with dead-code restarts, one codebook per depth
 (`shared_codebook=True` uses one for all depths). Code 0 of every codebook is pinned to zero (`zero_code`), so a
 depth that cannot shrink the residual leaves it unchanged: the quantization error never grows with depth.
+
+Options, both off by default (then the output is bit-identical to the plain quantizer):
+- rotation_trick: the gradient reaches z through the rotation and rescaling that maps z onto the cumulative
+  reconstruction z_hat (the vector the decoder sees; rotation.py), instead of the identity straight-through.
+- entropy_weight > 0: adds entropy_weight * the MAGVIT-v2-style entropy term of each depth's residual against
+  that depth's codebook (codebook_entropy.py), averaged over depths, to the training loss.
 """
 
 from __future__ import annotations
@@ -16,7 +22,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tokzoo.checks import positive_int
-from tokzoo.quantizers.base import QUANTIZERS, CodebookSet, LazyStats, Quantizer, QuantizerOutput
+from tokzoo.quantizers.base import (
+    QUANTIZERS,
+    CodebookSet,
+    LazyStats,
+    Quantizer,
+    QuantizerOutput,
+    check_codebook_options,
+)
+from tokzoo.quantizers.codebook_entropy import codebook_entropy_loss
+from tokzoo.quantizers.rotation import straight_through
 
 
 @QUANTIZERS.register("rq", example=dict(dim=8, depth=3, codebook_size=16))
@@ -37,12 +52,18 @@ class ResidualQuantizer(Quantizer):
         restart_dead_after: int = 100,
         stats_window: int = 100,
         zero_code: bool = True,
+        rotation_trick: bool = False,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.01,
     ):
         super().__init__()
         positive_int("rq", dim=dim, depth=depth, codebook_size=codebook_size)
+        check_codebook_options("rq", rotation_trick, entropy_weight, entropy_temperature)
         self.dim, self.depth, self.shared_codebook = dim, depth, shared_codebook
         self.codebook_sizes = [codebook_size] * depth
         self.commitment_weight, self.codebook_weight, self.update_rule = commitment_weight, codebook_weight, update
+        self.rotation_trick = rotation_trick
+        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.codebooks = nn.ModuleList(
             CodebookSet(
                 1,
@@ -67,7 +88,8 @@ class ResidualQuantizer(Quantizer):
         b = z.shape[0]
         x = rearrange(z, "b t c -> (b t) 1 c")
         residual, z_hat = x, torch.zeros_like(x)
-        residuals, indices, codebook_terms = [], [], []
+        residuals, indices, codebook_terms, entropy_terms = [], [], [], []
+        entropy_on = self.entropy_weight > 0 and self.training
         for d in range(self.depth):
             book = self._codebook(d)
             book.maybe_init(residual)
@@ -75,6 +97,8 @@ class ResidualQuantizer(Quantizer):
             idx = book.nearest(residual, codes)  # (M, 1)
             e = book.lookup(idx, codes)  # (M, 1, dim)
             codebook_terms.append((e - residual.detach()).pow(2).mean())
+            if entropy_on:
+                entropy_terms.append(codebook_entropy_loss(residual, codes, self.entropy_temperature))
             residuals.append(residual)
             indices.append(idx)
             z_hat = z_hat + e
@@ -84,6 +108,8 @@ class ResidualQuantizer(Quantizer):
         loss = self.commitment_weight * (x - z_hat.detach()).pow(2).mean()
         if self.update_rule == "grad":
             loss = loss + self.codebook_weight * torch.stack(codebook_terms).mean()
+        if entropy_on:
+            loss = loss + self.entropy_weight * torch.stack(entropy_terms).mean()
 
         if self.shared_codebook:
             self.codebooks[0].update(torch.cat(residuals), torch.cat(indices))
@@ -91,7 +117,7 @@ class ResidualQuantizer(Quantizer):
             for book, r, idx in zip(self.codebooks, residuals, indices):
                 book.update(r, idx)
 
-        z_q = x + (z_hat - x).detach()  # straight-through
+        z_q = straight_through(x, z_hat, self.rotation_trick)
         return QuantizerOutput(
             z_q=rearrange(z_q, "(b t) 1 c -> b t c", b=b),
             indices=rearrange(torch.cat(indices, dim=1), "(b t) d -> b t d", b=b),

@@ -55,6 +55,16 @@ def build(registry: Registry, name: str, **overrides):
 
 
 # ---- every registry: an example per component, readable errors ---------------------------------------------
+@pytest.mark.parametrize("kind, name", [c for c in COMPONENTS if c.values[0] != "dataset"])
+def test_component_builds_on_the_meta_device(kind: str, name: str, tmp_path) -> None:
+    """`tokzoo fit` checks every variant up front by building its model on the meta device (runner.check_variant):
+    a constructor that reads a tensor's value (e.g. int(t.sum())) would fail there."""
+    registry = REGISTRIES[kind]
+    example = registry.example(name, tmp_path)
+    with torch.device("meta"):
+        registry.build(name, **example)
+
+
 @pytest.mark.parametrize("kind, name", COMPONENTS)
 def test_component_has_example_arguments(kind: str, name: str, tmp_path) -> None:
     registry = REGISTRIES[kind]

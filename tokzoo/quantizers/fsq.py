@@ -63,7 +63,8 @@ class FiniteScalarQuantizer(Quantizer):
         # training path can compute indices with one matrix-vector product (see _indices_from_steps).
         self.float_exact_indices = vocab <= 1 << 24
         self.register_buffer("basis_float", basis.float(), persistent=False)
-        self.index_offset = int(((self.levels_int // 2) * basis).sum())
+        # Python integers, not tensor reads: the pre-flight check builds every model on the meta device.
+        self.index_offset = sum((lv_ // 2) * math.prod(levels[:i]) for i, lv_ in enumerate(levels))
         self.tracker = UsageTracker(num_codebooks, vocab, stats_window)
 
     def bound(self, x: Tensor) -> Tensor:

@@ -38,7 +38,9 @@ def test_defaults_load_and_validate():
     assert set(cfg) >= {"seed", "output_dir", "model", "loss", "optim", "data", "eval", "trainer", "tracking"}
     assert cfg["model"]["quantizer"]["name"] == "mcq"
     assert cfg["loss"]["supervision"] in ("recon", "contra", "both")
-    assert resolve(copy.deepcopy(cfg)) == cfg  # the defaults are themselves a valid run config
+    # the defaults are themselves a valid run config; resolving only states what data.augment's `auto` means
+    off = {"crop": "center", "flip": False, "resize_short": 1.0}
+    assert resolve(copy.deepcopy(cfg)) == {**cfg, "data": {**cfg["data"], "augment": off}}
 
 
 def test_empty_run_config_gives_the_defaults_as_one_variant(yaml_file):
@@ -46,7 +48,9 @@ def test_empty_run_config_gives_the_defaults_as_one_variant(yaml_file):
     experiment, variants = load_variants(path)
     assert experiment == "myrun"  # a run config's experiment is its file stem
     assert [v.name for v in variants] == ["myrun"]
-    assert variants[0].config == defaults()
+    expected = defaults()
+    expected["data"]["augment"] = {"crop": "center", "flip": False, "resize_short": 1.0}  # auto, for shapes
+    assert variants[0].config == expected
     assert variants[0].seed == defaults()["seed"]
 
 

@@ -50,8 +50,8 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def build(registry: Registry, name: str, **overrides):
-    return registry.build(name, **{**registry.example(name), **overrides})
+def build(registry: Registry, name: str, folder=None, **overrides):
+    return registry.build(name, **{**registry.example(name, folder), **overrides})
 
 
 # ---- every registry: an example per component, readable errors ---------------------------------------------
@@ -302,8 +302,8 @@ def assert_every_parameter_learns(*modules: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", ENCODERS.names())
-def test_encoder_maps_images_to_tokens(name: str) -> None:
-    enc = build(ENCODERS, name)
+def test_encoder_maps_images_to_tokens(name: str, tmp_path) -> None:
+    enc = build(ENCODERS, name, tmp_path)
     tokens = enc(images_for(enc))
     assert tokens.shape == (2, enc.num_tokens, enc.width) and torch.isfinite(tokens).all()
     # a random readout: the sum of squares of a fresh LayerNorm's output is constant, so it has no gradient
@@ -348,8 +348,8 @@ def test_tokenizer_maps_captions_to_ids(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TEXT_TOWERS.names())
-def test_text_tower_maps_ids_to_embeddings(name: str) -> None:
-    tower = build(TEXT_TOWERS, name)
+def test_text_tower_maps_ids_to_embeddings(name: str, tmp_path) -> None:
+    tower = build(TEXT_TOWERS, name, tmp_path)
     ids = torch.randint(0, tower.vocab_size, (3, tower.context_length))
     emb = tower(ids)
     assert emb.shape == (3, tower.embed_dim) and torch.isfinite(emb).all()
@@ -362,7 +362,11 @@ def test_text_tower_maps_ids_to_embeddings(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TEXT_TOWERS.names())
-def test_text_tower_reads_every_tokenizer(name: str) -> None:
+def test_text_tower_reads_every_tokenizer(name: str, tmp_path) -> None:
+    if getattr(TEXT_TOWERS.get(name), "brings_tokenizer", False):  # it reads its own tokenizer's ids
+        tower = build(TEXT_TOWERS, name, tmp_path)
+        assert tower(tower.tokenizer(CAPTIONS)).shape == (3, tower.embed_dim)
+        return
     for tok_name in TOKENIZERS.names():
         tok = build(TOKENIZERS, tok_name)
         tower = build(TEXT_TOWERS, name, vocab_size=tok.vocab_size, context_length=tok.context_length)

@@ -57,6 +57,11 @@ WORKER_VARIANTS = {
 
 
 # ---------------------------------------------------------------- the real CLI
+# a few steps of the generation probe, small: it runs once, on rank 0, after training
+PROBE_OVERRIDES = [
+    "eval.generation.steps=3", "eval.generation.samples=10", "eval.generation.train_images=48",
+    "eval.generation.width=32", "eval.generation.heads=2", "eval.generation.grid_per_class=1",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,7 @@ def cli_ddp(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
     folder = tmp_path_factory.mktemp("ddp_cli")
     path = tiny_ablation(folder, {"mcq": WORKER_VARIANTS["mcq_ema"]}, name="ddp_cli")
-    proc = run_tokzoo(["fit", str(path), *DDP_OVERRIDES], cwd=folder, timeout=420)
+    proc = run_tokzoo(["fit", str(path), *DDP_OVERRIDES, *PROBE_OVERRIDES], cwd=folder, timeout=420)
     assert proc.returncode == 0, (
         f"DDP tokzoo fit failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     )
@@ -93,6 +98,16 @@ def test_cli_ddp_makes_exactly_one_run(cli_ddp):
     assert run.data.params["trainer.devices"] == "2" and run.data.params["trainer.strategy"] == "ddp"
     for metric in ("val/psnr", "val/ssim", "val/codebook_usage", "val/linprobe_acc", "val/zeroshot_acc", "train/loss"):
         assert metric in run.data.metrics, sorted(run.data.metrics)
+
+
+def test_cli_ddp_logs_one_generation_probe_result(cli_ddp):
+    import mlflow
+
+    client = mlflow.MlflowClient(sqlite_uri(cli_ddp.folder))
+    (run,) = cli_ddp.runs
+    history = client.get_metric_history(run.info.run_id, "val/gen_bits_per_image")
+    assert len(history) == 1  # rank 0 alone runs the probe
+    assert 0 < history[0].value <= run.data.metrics["val/gen_uniform_bits_per_image"]
 
 
 def test_cli_ddp_checkpoint_is_sane(cli_ddp):

@@ -45,9 +45,7 @@ def test_mcq_properties(b, n, num_codebooks, chunk, size, normalize, update, see
 
 
 @SETTINGS
-@given(
-    b=batch, n=tokens, dim=st.integers(1, 12), size=st.integers(1, 64), normalize=st.booleans(), seed=seeds
-)
+@given(b=batch, n=tokens, dim=st.integers(1, 12), size=st.integers(1, 64), normalize=st.booleans(), seed=seeds)
 def test_vq_properties(b, n, dim, size, normalize, seed) -> None:
     q = build_quantizer("vq", dim=dim, codebook_size=size, normalize=normalize)
     assert q.codebook_sizes == [size] and q.bits_per_token == math.log2(size)

@@ -70,8 +70,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def fit(path: Path) -> subprocess.CompletedProcess:
-    return run_tokzoo(["fit", str(path)], cwd=path.parent, env=THREADS, timeout=PROCESS_TIMEOUT)
+def fit(path: Path, *options: str) -> subprocess.CompletedProcess:
+    return run_tokzoo(["fit", *options, str(path)], cwd=path.parent, env=THREADS, timeout=PROCESS_TIMEOUT)
 
 
 def runs_by_variant(folder: Path) -> dict[str, list[Any]]:
@@ -119,11 +119,11 @@ def report(proc: subprocess.CompletedProcess | SimpleNamespace) -> str:
 def scenario_clean(folder: Path) -> SimpleNamespace:
     """The ablation uninterrupted, then the same command again; then its checkpoint under another config."""
     path = ablation(folder)
-    first = fit(path)
+    first = fit(path, "--verbose")  # verbose: Lightning's accelerator summary tells that a Trainer was built
     ckpts = {name: checkpoint_path(path, name) for name in VARIANTS}
     stamps = {name: (p.stat().st_mtime_ns, p.stat().st_size) for name, p in ckpts.items() if p.exists()}
     runs_after_first = runs_by_variant(folder)
-    second = fit(path)
+    second = fit(path, "--verbose")
     stamps_after = {name: (p.stat().st_mtime_ns, p.stat().st_size) for name, p in ckpts.items() if p.exists()}
     foreign = scenario_foreign_checkpoint(folder / "foreign", ckpts["mcq"]) if ckpts["mcq"].exists() else None
     return SimpleNamespace(
@@ -249,7 +249,7 @@ def scenario_output_under_a_file(folder: Path) -> SimpleNamespace:
     blocker.write_text("a file, not a folder")
     out = blocker / "outputs"
     path = ablation(folder, output_dir=str(out))
-    return SimpleNamespace(folder=folder, proc=fit(path), output_dir=out, runs=runs_by_variant(folder))
+    return SimpleNamespace(folder=folder, proc=fit(path, "--verbose"), output_dir=out, runs=runs_by_variant(folder))
 
 
 def scenario_read_only_parent(folder: Path) -> SimpleNamespace | None:
@@ -295,7 +295,7 @@ def test_rerun_after_success_trains_nothing(scenarios):
     assert s.second.returncode == 0, report(s.second)
     assert table_status(s.first.stdout) == {"mcq": "trained", "rq": "trained"}, s.first.stdout
     assert table_status(s.second.stdout) == {"mcq": "done earlier", "rq": "done earlier"}, s.second.stdout
-    # no Trainer was built (Lightning prints its accelerator summary when one is), no checkpoint rewritten
+    # no Trainer was built (verbose: Lightning prints its accelerator summary when one is), no checkpoint rewritten
     assert "GPU available" in s.first.stderr and "GPU available" not in s.second.stderr, report(s.second)
     assert s.stamps_after == s.stamps and len(s.stamps) == len(VARIANTS)
     # still exactly one run per variant, the same ones, FINISHED
@@ -340,8 +340,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(scenarios):
     assert s.killed.returncode == 143, report(s.killed)  # 128 + SIGTERM, as a shell reports a terminated job
     assert "Traceback" not in s.killed.stderr, report(s.killed)
     assert "stopped by SIGTERM" in s.killed.stderr and "resume" in s.killed.stderr, report(s.killed)
-    # Periodic checkpoints were off, so the checkpoint is the one written at SIGTERM; it holds every step the
-    # run completed and logged (SIGTERM is acted on at the end of a step): nothing is lost.
+    # Periodic checkpoints were off, so the checkpoint is the one written at SIGTERM (tokzoo says so: "tokzoo:
+    # SIGTERMException at step k: saved checkpoint ..."); it holds every step the run completed and logged (SIGTERM
+    # is acted on at the end of a step): nothing is lost.
     assert s.checkpointed and "SIGTERMException" in s.killed.stderr and "saved checkpoint" in s.killed.stderr
     assert s.step_at_kill >= 3, s.step_at_kill  # step 2 was logged before the signal
     assert max(s.logged_before) == s.step_at_kill - 1, (s.logged_before, s.step_at_kill)

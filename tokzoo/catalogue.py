@@ -82,7 +82,21 @@ def _no_gan(config: dict[str, Any]) -> str | None:
 def _not_both(config: dict[str, Any]) -> str | None:
     if config["loss"]["supervision"] != "both":
         return f"supervision={config['loss']['supervision']} has one loss: no gradient conflict to measure"
-    return None if config["loss"]["grad_cos_every"] else "loss.grad_cos_every=0"
+    if not config["loss"]["grad_cos_every"]:
+        return "loss.grad_cos_every=0"
+    frozen = (config["optim"].get("lr_mult") or {}).get("encoder") == 0
+    return "the encoder is frozen (optim.lr_mult.encoder=0): no shared gradients to compare" if frozen else None
+
+
+def _no_raw_pass(config: dict[str, Any]) -> str | None:
+    ema = config.get("ema") or {}
+    if not ema.get("decay"):
+        return "ema.decay=0: no EMA, so val/* are the raw weights' metrics"
+    return None if ema.get("raw_metrics", True) else "ema.raw_metrics=false"
+
+
+def _probe_off(config: dict[str, Any]) -> str | None:
+    return None if config["eval"]["generation"]["steps"] > 0 else "eval.generation.steps=0 (the probe is off)"
 
 
 FIDELITY_RULES = (_no_decoder,)
@@ -150,6 +164,12 @@ _ENTRIES = (
     Metric("train/loss_disc", "disc. loss", "discriminator hinge loss", False, absent_when=(_no_gan,)),
     Metric("train/loss_contra", "contra. loss", "contrastive loss", False, absent_when=(_no_text,)),
     Metric("train/logit_scale", "logit scale", "contrastive logit scale", None, absent_when=(_no_text,)),
+    # Global-batch columns with a row's caption, its own included (the positives under contra_duplicates=positive);
+    # a property of the data, so a run's value is its mean over training.
+    Metric(
+        "train/contra_positives_per_row", "positives/row", "identical captions per row (global batch)", None,
+        absent_when=(_no_text,), reduce="mean",
+    ),
     # The cosine is logged every k steps; one run's value is its mean over training (the last one is noise).
     Metric(
         "train/grad_cos_recon_contra", "grad cos (mean)", "grad cosine recon vs contra (mean over steps)", True,
@@ -161,15 +181,71 @@ _ENTRIES = (
     Metric("perf/images_per_sec", "images/s", "training throughput (images/s)", True),
     Metric("perf/wall_seconds", "time (s)", "wall time (s)", False),
 )  # fmt: skip
+# The generation probe (eval.generation, tokzoo/generation/): after training, an autoregressive prior over the frozen
+# tokenizer's codes; bits on held-out validation codes, and its class-conditional samples judged by a reference
+# classifier trained on the dataset's real images. Run once on the final weights, so no raw-weights twin.
+_GENERATION = (
+    Metric(
+        "val/gen_bits_per_image", "gen bits/img", "prior NLL of an image's codes (bits, held out)", False,
+        headline=True, absent_when=(*CODEBOOK_RULES, _probe_off),
+    ),
+    Metric(
+        "val/gen_bits_per_token", "gen bits/token", "prior NLL per token position (bits, held out)", False,
+        absent_when=(*CODEBOOK_RULES, _probe_off),
+    ),
+    Metric(
+        "val/gen_uniform_bits_per_image", "uniform bits/img", "uniform bound: bits of an image's codes", None,
+        absent_when=(*CODEBOOK_RULES, _probe_off),
+    ),
+    Metric(
+        "val/gen_class_acc", "gen class acc", "reference accuracy on class-conditional samples (%)", True, 100.0,
+        headline=True, absent_when=(*CODEBOOK_RULES, _probe_off, _no_decoder),
+    ),
+    Metric(
+        "val/gen_ref_acc", "ref. classifier acc", "reference classifier accuracy on real val images (%)", True, 100.0,
+        absent_when=(*CODEBOOK_RULES, _probe_off, _no_decoder),
+    ),
+    Metric(
+        "val/gen_fd_ref", "gen FD (ref.)", "Frechet distance of samples, reference-classifier features", False,
+        headline=True, absent_when=(*CODEBOOK_RULES, _probe_off, _no_decoder),
+    ),
+    Metric(
+        "val/gfid", "gFID", "gFID (Inception, lower is better)", False,
+        absent_when=(*CODEBOOK_RULES, _probe_off, _no_decoder, _weights("inception_fid")),
+    ),
+    Metric("perf/gen_seconds", "probe (s)", "generation probe wall time (s)", False, absent_when=(_probe_off,)),
+)  # fmt: skip
+RAW_PREFIX = "val_raw/"
+
+
+def raw_name(name: str) -> str:
+    """The raw weights' counterpart of a validation metric of an EMA run: val/psnr -> val_raw/psnr."""
+    return RAW_PREFIX + name.removeprefix("val/")
+
+
+# A run with an EMA (ema.decay > 0) validates the EMA weights (val/*); with ema.raw_metrics it also logs the headline
+# metrics of the raw weights under val_raw/. Not headline themselves: the plot grid stays the EMA's.
+_ENTRIES += tuple(
+    Metric(
+        raw_name(m.name), f"raw {m.header}", f"{m.label}, raw weights (EMA run)", m.higher_is_better, m.scale,
+        absent_when=(_no_raw_pass, *m.absent_when),
+    )
+    for m in _ENTRIES
+    if m.headline
+)  # fmt: skip
+
+RAW_HEADLINE = tuple(m.name for m in _ENTRIES if m.name.startswith(RAW_PREFIX))
+_ENTRIES += _GENERATION
 
 CATALOGUE: dict[str, Metric] = {m.name: m for m in _ENTRIES}
 _PATTERNS = [(re.compile("^" + re.escape(m.name).replace("<k>", r"\d+") + "$"), m) for m in _ENTRIES if "<k>" in m.name]
 # Headline validation metrics, in the order tables and plots show them.
 HEADLINE = tuple(m.name for m in _ENTRIES if m.headline)
-# The columns of `tokzoo compare`: the headline, then diagnostics.
+# The columns of `tokzoo compare`: the headline, the raw weights' headline (EMA runs only), then diagnostics.
 TABLE = (
-    *HEADLINE, "val/dead_codes", "val/code_mi_bits", "val/code_class_nmi", "val/code_stability",
-    "train/grad_cos_recon_contra", "perf/images_per_sec", "perf/wall_seconds",
+    *HEADLINE, *RAW_HEADLINE, "val/dead_codes", "val/code_mi_bits", "val/code_class_nmi", "val/code_stability",
+    "val/gen_bits_per_token", "val/gen_ref_acc", "val/gfid", "train/grad_cos_recon_contra", "perf/images_per_sec",
+    "perf/wall_seconds", "perf/gen_seconds",
 )  # fmt: skip
 
 

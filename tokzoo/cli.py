@@ -56,7 +56,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     load_variants(args.config, args.overrides)  # config errors surface before the heavy imports below
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from tokzoo.output import configure_output
     from tokzoo.runner import SUMMARY_METRICS, TRAINING, fit
+
+    configure_output(args.verbose)  # after the import of Lightning, which sets its own log level
 
     def on_sigterm(signum: int, frame: object) -> None:
         # Inside Trainer.fit, Lightning checkpoints and stops at the end of the step; outside it (start-up,
@@ -83,7 +86,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import signal
 
+    from tokzoo.output import configure_output
     from tokzoo.sweep import best_trials, run_sweep, sweep_table
+
+    configure_output(args.verbose)  # the trial processes inherit the choice ($TOKZOO_VERBOSE)
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # the sweep stops its trials and re-queues them for the next run
@@ -101,6 +107,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not best_trials(outcome.study):
         err_console.print("no trial completed; see the fail reasons above")
         return 1
+    return 0
+
+
+def cmd_probe_gen(args: argparse.Namespace) -> int:
+    from tokzoo.probe_gen import probe_experiment
+    from tokzoo.tracking import tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(None)
+    results = probe_experiment(args.experiment, args.variant, uri, args.steps)
+    shown = (
+        "val/gen_bits_per_image",
+        "val/gen_bits_per_token",
+        "val/gen_class_acc",
+        "val/gen_ref_acc",
+        "val/gen_fd_ref",
+    )
+    table = Table(title=f"tokzoo probe-gen: {args.experiment}", header_style="bold")
+    for col in ("variant", *shown):
+        table.add_column(col)
+    for name, metrics in results:
+        table.add_row(name, *(format_metric(metrics.get(k)) for k in shown))
+    console.print(table)
     return 0
 
 
@@ -124,6 +152,29 @@ def cmd_weights(args: argparse.Namespace) -> int:
         table.add_row(row["name"], row["purpose"], present, str(row["path"]))
     console.print(table)
     console.print("Missing weights: the metrics that need them are not logged (the run's tags say why).")
+    if args.config:
+        return _tower_weights_table(args.config)
+    return 0
+
+
+def _tower_weights_table(path: str) -> int:
+    """The pretrained towers a config or ablation names, per variant: found (cache, files) or what to do."""
+    from tokzoo.backbones.pretrained import tower_weights
+    from tokzoo.config import load_variants
+
+    _, variants = load_variants(path)
+    table = Table(title=f"pretrained towers named by {path}", header_style="bold")
+    for col in ("variant", "part", "tower", "pretrained", "present", "path or what to do"):
+        table.add_column(col, overflow="fold")
+    missing = 0
+    for variant in variants:
+        for part in ("encoder", "text"):
+            row = tower_weights(part, variant.config["model"][part])
+            if row is not None:
+                missing += row["present"] == "no"
+                present = "[green]yes[/green]" if row["present"] == "yes" else "[red]no[/red]"
+                table.add_row(variant.name, part, row["tower"], row["pretrained"], present, row["path"])
+    console.print(table if table.row_count else f"{path} names no pretrained towers (they train from scratch)")
     return 0
 
 
@@ -136,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "overrides", nargs="*", help="dot-list overrides applied to every variant, e.g. trainer.max_steps=50"
     )
+    fit.add_argument("--verbose", action="store_true", help="also show the libraries' logs (Lightning, MLflow)")
     fit.set_defaults(func=cmd_fit)
     sweep = sub.add_parser("sweep", help="run (or resume, or join) an Optuna study; one training process per trial")
     sweep.add_argument("sweep", help="sweep YAML (base config, space, objectives, sampler, n_trials, storage)")
@@ -145,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=1, help="trials run in parallel on this machine (default 1)")
     sweep.add_argument("--storage", help="Optuna storage: a journal file path or an RDB URL (overrides the file)")
     sweep.add_argument("--n-trials", type=int, help="total trial budget of the study (overrides the file)")
+    sweep.add_argument("--verbose", action="store_true", help="also show the libraries' logs, here and in trials")
     sweep.set_defaults(func=cmd_sweep)
     compare = sub.add_parser("compare", help="table (mean ± 95%% CI over seeds) and plots of an experiment's runs")
     compare.add_argument("experiment", help="MLflow experiment name (the ablation's name)")
@@ -152,8 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--format", choices=("table", "md", "csv"), default="table", help="output format")
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
     compare.set_defaults(func=cmd_compare)
+    probe = sub.add_parser("probe-gen", help="the generation probe on an experiment's finished runs (same MLflow runs)")
+    probe.add_argument("experiment", help="MLflow experiment name (the ablation's name)")
+    probe.add_argument("--variant", help="only this variant (default: every finished run)")
+    probe.add_argument("--steps", type=int, help="prior training steps (default: the run's eval.generation.steps)")
+    probe.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    probe.set_defaults(func=cmd_probe_gen)
     weights = sub.add_parser("weights", help="list the pretrained weights metrics need, where they are looked for")
     weights.add_argument("--download", action="store_true", help="fetch missing weights (needs network)")
+    weights.add_argument("config", nargs="?", help="also list the pretrained towers this config/ablation names")
     weights.set_defaults(func=cmd_weights)
     return parser
 

@@ -27,7 +27,13 @@ DEFAULTS_PATH = Path(__file__).parent / "configs" / "default.yaml"
 COMPONENT_SECTIONS = ("encoder", "decoder", "factorization", "quantizer", "text", "tokenizer")
 OPEN_SECTIONS = {("data", "kwargs"), ("trainer",)} | {("model", c) for c in COMPONENT_SECTIONS}
 SUPERVISIONS = ("recon", "contra", "both")
+CONTRA_DUPLICATES = ("positive", "negative")  # tokzoo.losses.contrastive.DUPLICATE_MODES (torch-free here)
 ABLATION_KEYS = {"name", "base", "variants", "seeds", "description"}
+AUGMENT_CROPS = ("random", "center")  # tokzoo.data.transforms.CROPS (torch-free here)
+AUGMENT_OFF = {"crop": "center", "flip": False, "resize_short": 1.0}  # the val transform, and every split's before
+# data.augment's `auto` per dataset: photos get a random crop and a flip; shapes none, since its captions name
+# positions (left/right, top/bottom) that a flip would make wrong.
+UNAUGMENTED_DATASETS = ("shapes",)
 
 
 @dataclass
@@ -107,8 +113,44 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
         resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot resolve config: {err}") from None
+    resolved["data"]["augment"] = resolve_augment(resolved["data"])
     validate(resolved)
     return resolved
+
+
+def resolve_augment(data: dict[str, Any]) -> dict[str, Any]:
+    """data.augment with `auto` replaced by the dataset's default, so that params and hash state what ran. null, or
+    no key (a config written before data.augment existed): off."""
+    section = data.get("augment")
+    if section is None:
+        return dict(AUGMENT_OFF)
+    if not isinstance(section, dict) or set(section) - set(AUGMENT_OFF):
+        raise ConfigError(
+            f"config key 'data.augment' must be a mapping with keys {', '.join(AUGMENT_OFF)}, or null (off); "
+            f"got {section!r}"
+        )
+    plain = data.get("name") in UNAUGMENTED_DATASETS
+    crop, flip = section.get("crop", "auto"), section.get("flip", "auto")
+    crop = ("center" if plain else "random") if crop == "auto" else crop
+    flip = (not plain) if flip == "auto" else flip
+    scale = section.get("resize_short", 1.0)
+    if crop not in AUGMENT_CROPS:
+        raise ConfigError(f"config key 'data.augment.crop' is {crop!r}; allowed: {', '.join(AUGMENT_CROPS)}, auto")
+    if not isinstance(flip, bool):
+        raise ConfigError(f"config key 'data.augment.flip' must be true, false or auto, got {flip!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale <= 4.0:
+        raise ConfigError(
+            f"config key 'data.augment.resize_short' must be a number in [1, 4] (the short side as a multiple of "
+            f"model.image_size before the crop), got {scale!r}"
+        )
+    if "augment" in (data.get("kwargs") or {}):
+        raise ConfigError("data.kwargs.augment is set; set data.augment instead (it applies to the train split only)")
+    if data.get("name") == "shapes" and flip and (data.get("kwargs") or {}).get("captions", "full") == "full":
+        raise ConfigError(
+            "data.augment.flip=true mirrors the shapes images, but their full captions name positions (left/right); "
+            "set data.augment.flip=false, or data.kwargs.captions=object or shape"
+        )
+    return {"crop": crop, "flip": flip, "resize_short": float(scale)}
 
 
 def _expect(cfg: dict, key: str, kind: type | tuple[type, ...], *, minimum: float | None = None) -> None:
@@ -146,9 +188,18 @@ def validate(cfg: dict[str, Any]) -> None:
         _expect(cfg, f"loss.{key}", float, minimum=0.0)
     _expect(cfg, "loss.gan_start", float, minimum=0.0)
     _expect(cfg, "loss.grad_cos_every", int, minimum=0)
+    if cfg["loss"]["contra_duplicates"] not in CONTRA_DUPLICATES:
+        raise ConfigError(
+            f"config key 'loss.contra_duplicates' is {cfg['loss']['contra_duplicates']!r}; "
+            f"allowed: {', '.join(CONTRA_DUPLICATES)}"
+        )
     for key in ("lr", "weight_decay", "min_lr_ratio", "disc_lr"):
         _expect(cfg, f"optim.{key}", float, minimum=0.0)
     _expect(cfg, "optim.warmup_steps", int, minimum=0)
+    for part in cfg["optim"]["lr_mult"]:
+        _expect(cfg, f"optim.lr_mult.{part}", float, minimum=0.0)
+    if "lock" in cfg["model"]["text"] and not isinstance(cfg["model"]["text"]["lock"], bool):
+        raise ConfigError(f"config key 'model.text.lock' must be true or false, got {cfg['model']['text']['lock']!r}")
     _expect(cfg, "optim.codebook_weight_decay", bool)
     _expect(cfg, "compile", bool)
     _expect(cfg, "data.name", str)
@@ -160,7 +211,29 @@ def validate(cfg: dict[str, Any]) -> None:
     _expect(cfg, "eval.token_diagnostics", bool)
     _expect(cfg, "eval.stability_images", int, minimum=0)
     _expect(cfg, "eval.stability_psnr_db", (int, float), minimum=0)
+    for key in ("steps", "batch_size", "width", "depth", "heads", "head_depth", "train_images", "samples"):
+        _expect(cfg, f"eval.generation.{key}", int, minimum=0 if key == "steps" else 1)
+    _expect(cfg, "eval.generation.grid_per_class", int, minimum=0)
+    for key in ("lr", "temperature", "cfg"):
+        _expect(cfg, f"eval.generation.{key}", float, minimum=0.0)
+    _expect(cfg, "eval.generation.class_dropout", float, minimum=0.0)
+    gen = cfg["eval"]["generation"]
+    if gen["class_dropout"] >= 1:
+        raise ConfigError(f"config key 'eval.generation.class_dropout' must be < 1, got {gen['class_dropout']}")
+    if gen["width"] % gen["heads"]:
+        raise ConfigError(
+            f"eval.generation.width {gen['width']} is not divisible by eval.generation.heads {gen['heads']}; "
+            f"pick heads that divide it"
+        )
+    if gen["cfg"] > 0 and gen["class_dropout"] == 0:
+        raise ConfigError("eval.generation.cfg > 0 needs eval.generation.class_dropout > 0 (the unconditional model)")
     _expect(cfg, "trainer.max_steps", int, minimum=1)
+    if "ema" in cfg:  # a config without the section (written before it existed) has no EMA
+        _expect(cfg, "ema.decay", float, minimum=0.0)
+        if cfg["ema"]["decay"] >= 1:
+            raise ConfigError(f"config key 'ema.decay' must be < 1 (0 = off, e.g. 0.9999), got {cfg['ema']['decay']!r}")
+        _expect(cfg, "ema.warmup", bool)
+        _expect(cfg, "ema.raw_metrics", bool)
     if cfg["loss"]["supervision"] == "contra" and cfg["loss"]["gan_weight"] > 0:
         raise ConfigError("config sets loss.gan_weight > 0 with loss.supervision=contra; a GAN needs reconstruction")
 
@@ -212,6 +285,11 @@ def load_variants(path: str | Path, overrides: list[str] | None = None) -> tuple
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of a resolved config (ignores where results go, not what is computed)."""
     relevant = {k: v for k, v in config.items() if k not in ("tracking", "output_dir", "checkpoint_every")}
+    if not (relevant.get("ema") or {}).get("decay"):
+        relevant.pop("ema", None)  # EMA off: its other keys change nothing, and the hash is the one from before EMA
+    data = relevant.get("data")
+    if isinstance(data, dict) and data.get("augment", AUGMENT_OFF) in (None, AUGMENT_OFF):
+        relevant["data"] = {k: v for k, v in data.items() if k != "augment"}  # off: the hash from before data.augment
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

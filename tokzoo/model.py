@@ -1,8 +1,8 @@
 r"""The unified tokenizer as a plain nn.Module, composed from registry names:
 
-    images -> encoder -> factorization down -> quantizer -> factorization up -> decoder -> reconstruction
-                                                                      \-> mean over tokens -> LN -> Linear -> l2
-    captions -> tokenizer -> text tower -> l2                              (contrastive head, CLIP-style)
+images -> encoder -> factorization down -> quantizer -> factorization up -> decoder -> reconstruction
+                                                                  \-> mean over tokens -> LN -> Linear -> l2
+captions -> tokenizer -> text tower -> l2                              (contrastive head, CLIP-style)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tokzoo.backbones import build_decoder, build_encoder
 from tokzoo.errors import ConfigError
 from tokzoo.factorization import build_factorization
 from tokzoo.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
-from tokzoo.text import build_text_tower, build_tokenizer
+from tokzoo.text import TEXT_TOWERS, build_text_tower, build_tokenizer
 
 LOGIT_SCALE_INIT = 1 / 0.07
 LOGIT_SCALE_MAX = 100.0
@@ -64,7 +64,9 @@ class UnifiedTokenizer(nn.Module):
         self.factor_down = build_factorization(f_name, in_dim=self.encoder.width, out_dim=self.quantizer.dim, **f_kw)
         # The up-projection restores the encoder width; the decoder and the contrastive head read from there.
         self.factor_up = build_factorization(f_name, in_dim=self.quantizer.dim, out_dim=self.encoder.width, **f_kw)
-        self.decoder = build_decoder(dec_name, **{"image_size": image_size, **dec_kw}) if use_decoder else None
+        # The decoder's token grid follows the encoder's (a pretrained encoder brings its own patch size).
+        dec_kw = {"image_size": image_size, "patch_size": image_size // self.encoder.grid_size, **dec_kw}
+        self.decoder = build_decoder(dec_name, **dec_kw) if use_decoder else None
         if self.decoder is not None and self.decoder.width != self.encoder.width:
             self.decoder_in = nn.Linear(self.encoder.width, self.decoder.width)
         else:
@@ -72,17 +74,22 @@ class UnifiedTokenizer(nn.Module):
 
         self.tokenizer = self.text_tower = self.image_head = self.logit_scale = None
         if use_text:
-            tok_name, tok_kw = _kwargs(model_cfg["tokenizer"])
-            self.tokenizer = build_tokenizer(tok_name, **tok_kw)
             text_name, text_kw = _kwargs(model_cfg["text"])
-            text_kw.setdefault("vocab_size", self.tokenizer.vocab_size)
-            text_kw.setdefault("context_length", self.tokenizer.context_length)
-            text_kw.setdefault("embed_dim", model_cfg["embed_dim"])
-            self.text_tower = build_text_tower(text_name, **text_kw)
-            self.image_head = nn.Sequential(
-                nn.LayerNorm(self.encoder.width), nn.Linear(self.encoder.width, model_cfg["embed_dim"])
-            )
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(LOGIT_SCALE_INIT)))
+            text_kw.pop("lock", None)  # a training choice (lit/module.py freezes the tower), not a tower argument
+            if getattr(TEXT_TOWERS.get(text_name), "brings_tokenizer", False):  # e.g. open_clip: its own tokenizer
+                self.text_tower = build_text_tower(text_name, **text_kw)
+                self.tokenizer = self.text_tower.tokenizer
+            else:
+                tok_name, tok_kw = _kwargs(model_cfg["tokenizer"])
+                self.tokenizer = build_tokenizer(tok_name, **tok_kw)
+                text_kw.setdefault("vocab_size", self.tokenizer.vocab_size)
+                text_kw.setdefault("context_length", self.tokenizer.context_length)
+                text_kw.setdefault("embed_dim", model_cfg["embed_dim"])
+                self.text_tower = build_text_tower(text_name, **text_kw)
+            embed_dim = self.text_tower.embed_dim  # a pretrained tower fixes it; else model.embed_dim
+            self.image_head = nn.Sequential(nn.LayerNorm(self.encoder.width), nn.Linear(self.encoder.width, embed_dim))
+            scale = getattr(self.text_tower, "pretrained_logit_scale", None) or LOGIT_SCALE_INIT
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(min(scale, LOGIT_SCALE_MAX))))
 
     def encode(self, images: Tensor) -> QuantizerOutput:
         # images: (B, 3, H, W) -> quantizer output over (B, N, dim)
@@ -110,6 +117,8 @@ class UnifiedTokenizer(nn.Module):
 
     def encode_text(self, captions: list[str]) -> Tensor:
         ids = self.tokenizer(captions)
+        if not getattr(self.tokenizer, "trim_padding", True):
+            return F.normalize(self.text_tower(ids.to(self.logit_scale.device)), dim=-1)
         # Drop the padding columns after the batch's longest caption (short captions would otherwise pay for the
         # whole context length). Exact: the tower is causal and pools at EOT, so nothing after a caption's EOT
         # reaches its embedding. Decided on the CPU ids, before the copy to the device: no sync. Rounded up to a
@@ -120,6 +129,11 @@ class UnifiedTokenizer(nn.Module):
 
     def logit_scale_value(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+    def weight_reports(self) -> dict[str, str]:
+        """Part -> what loading its pretrained weights did (tensors loaded, missing and unexpected keys)."""
+        parts = {"encoder": self.encoder, "text": self.text_tower}
+        return {k: m.load_report.summary() for k, m in parts.items() if getattr(m, "load_report", None) is not None}
 
     def codebook_parameters(self) -> set[int]:
         """ids of codebook tensors (excluded from weight decay unless the config asks)."""

@@ -24,27 +24,33 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tokzoo.catalogue import HEADLINE
+from tokzoo.catalogue import HEADLINE, RAW_HEADLINE, RAW_PREFIX
 from tokzoo.config import Variant, config_hash, flatten, load_variants
 from tokzoo.data import DATASETS
+from tokzoo.distributed import is_env_rank_zero
 from tokzoo.errors import ConfigError, NonFiniteLossError
-from tokzoo.lit.callbacks import ImagesPerSecond
-from tokzoo.lit.datamodule import TokzooDataModule
+from tokzoo.lit.callbacks import ImagesPerSecond, StepProgress
+from tokzoo.lit.datamodule import TokzooDataModule, train_augment
+from tokzoo.lit.ema import ema_callback, ema_state_dict
 from tokzoo.lit.module import TokenizerModule
 from tokzoo.model import UnifiedTokenizer
+from tokzoo.probe_run import probe_and_log
 from tokzoo.registry import check_kwargs
 from tokzoo.tracking import (
     artifact_location,
     check_tracking,
+    ensure_experiment,
     param_value,
     run_tags,
     tracking_uri,
 )
 
+log = logging.getLogger("tokzoo.runner")
+
 # Set while Trainer.fit runs: there a SIGTERM is turned into a checkpoint and a clean stop by Lightning.
 TRAINING = threading.Event()
 
-SUMMARY_METRICS = (*HEADLINE, "perf/images_per_sec")
+SUMMARY_METRICS = (*HEADLINE, *RAW_HEADLINE, "perf/images_per_sec")  # val_raw/*: runs with an EMA only
 
 
 @dataclass
@@ -97,6 +103,7 @@ def build_datamodule(config: dict[str, Any]) -> TokzooDataModule:
         val_batch_size=data["val_batch_size"],
         dataset_kwargs=data["kwargs"],
         seed=config["seed"],
+        augment=data.get("augment"),
     )
 
 
@@ -112,7 +119,7 @@ class ValidationHook(L.Callback):
             return
         stop = False
         if trainer.is_global_zero:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", RAW_PREFIX))}
             stop = bool(self.fn(trainer.global_step, metrics))
         if trainer.strategy.broadcast(stop):
             trainer.should_stop = True
@@ -154,7 +161,7 @@ def checked_checkpoint(path: Path, variant: Variant) -> Path:
 
 
 def result_from_run(run: Any, variant: Variant, bits: float) -> VariantResult:
-    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val/", "perf/"))}
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val/", RAW_PREFIX, "perf/"))}
     result = VariantResult(variant.name, bits, metrics, run.data.metrics.get("perf/wall_seconds", 0.0))
     result.run_id, result.status = run.info.run_id, "done earlier"
     return result
@@ -182,6 +189,8 @@ def fit_variant(
     run_id = prior[0].info.run_id if (ckpt_path is not None and prior) else None
 
     L.seed_everything(variant.seed, workers=True, verbose=False)
+    if run_id is None and is_env_rank_zero():  # Lightning's logger would create it too, with a warning
+        ensure_experiment(uri, experiment)
     kwargs = trainer_kwargs(config)
     datamodule = build_datamodule(config)
     module = TokenizerModule(config)
@@ -206,18 +215,21 @@ def fit_variant(
         enable_version_counter=False,
     )
     callbacks = [throughput, checkpoint, LearningRateMonitor(logging_interval="step")]
+    ema = ema_callback(config)  # None unless ema.decay > 0; before ValidationHook, which then sees val_raw/*
+    if ema is not None:
+        callbacks.append(ema)
     if on_validation is not None:
         callbacks.append(ValidationHook(on_validation))
-    if kwargs.get("enable_progress_bar", True):
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar())
+    if kwargs.get("enable_progress_bar", True):  # in steps of max_steps (Lightning's bars count epochs' batches)
+        callbacks.append(StepProgress(variant.name))
     trainer = L.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(out_dir), **kwargs)
     if trainer.is_global_zero and run_id is None:
         params = {k: param_value(v) for k, v in flatten(config).items()}
         params["model.quantizer.bits_per_token"] = module.model.quantizer.bits_per_token
         params["model.quantizer.shape_label"] = module.model.quantizer.shape_label  # read by the plots' labels
         logger.log_hyperparams(params)
+        for part, report in module.model.weight_reports().items():  # pretrained towers: what the file filled
+            logger.experiment.set_tag(logger.run_id, f"tokzoo.weights.{part}", report[:5000])
     result = VariantResult(variant.name, module.model.quantizer.bits_per_token)
     if ckpt_path is not None:
         result.status = "resumed"
@@ -239,9 +251,9 @@ def fit_variant(
     finally:
         TRAINING.clear()
     result.seconds = time.perf_counter() - start
-    trainer.save_checkpoint(last)  # the final state, whatever checkpoint_every was
+    trainer.save_checkpoint(last, weights_only=False)  # the whole final state (resumable), whatever checkpoint_every
 
-    result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", RAW_PREFIX))}
     if throughput.value is not None:
         result.metrics["perf/images_per_sec"] = throughput.value
     if trainer.is_global_zero:
@@ -254,6 +266,12 @@ def fit_variant(
         if module.grid_path.exists():
             client.log_artifact(run_id, str(module.grid_path))
         result.checkpoint = str(last)
+        client.set_tag(run_id, "tokzoo.checkpoint", str(last.resolve()))  # `tokzoo probe-gen` reads it back
+        if config["eval"]["generation"]["steps"] > 0:  # rank 0 alone: one result per run, also under DDP
+            if config["ema"]["decay"] > 0:  # like validation, the probe judges the EMA weights
+                module.load_state_dict(ema_state_dict(torch.load(last, map_location="cpu", weights_only=True)))
+            where = (client, run_id, trainer.global_step, out_dir, trainer.strategy.root_device)
+            result.metrics.update(probe_and_log(module.model, datamodule, config, *where))
     return result
 
 
@@ -275,6 +293,7 @@ def check_variant(variant: Variant) -> int:
         {"split": "train", "image_size": config["model"]["image_size"], **data["kwargs"]},
         f"dataset '{data['name']}' (data.kwargs)",
     )
+    train_augment(data["name"], data.get("augment"), config["seed"])  # a dataset that cannot augment fails here
     supervision = config["loss"]["supervision"]
     with torch.device("meta"):  # registry names, argument names and dims are checked; no memory is allocated
         model = UnifiedTokenizer(config["model"], use_decoder=supervision != "contra", use_text=supervision != "recon")
@@ -288,6 +307,9 @@ class RollingCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, NonFiniteLossError):
             super().on_exception(trainer, pl_module, exception)
+            if trainer.is_global_zero:
+                where = self.format_checkpoint_name(self._monitor_candidates(trainer))
+                log.warning("%s at step %d: saved checkpoint %s", type(exception).__name__, trainer.global_step, where)
 
 
 @contextlib.contextmanager
@@ -334,9 +356,10 @@ def fit(path: str, overrides: list[str]) -> tuple[str, list[VariantResult]]:
                 checked_checkpoint(existing, variant)
         except ConfigError as err:
             raise ConfigError(f"variant '{variant.name}': {err}") from None
-    # A checkpoint holds fp32 weights and two AdamW moments; keep room for the file being replaced.
+    # A checkpoint holds fp32 weights, two AdamW moments and the EMA if any; keep room for the file being replaced.
+    copies = 3 + any(ema_callback(v.config) is not None for v in variants)
     for folder in {Path(v.config["output_dir"]) for v in variants}:
-        check_output_dir(folder, needed_bytes=2 * 3 * 4 * largest)
+        check_output_dir(folder, needed_bytes=2 * copies * 4 * largest)
     results = []
     for variant in variants:
         try:

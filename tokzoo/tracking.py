@@ -73,10 +73,26 @@ def run_tags(variant: str, config_hash: str, extra: dict[str, Any] | None = None
         "tokzoo.variant": variant,
         "tokzoo.config_hash": config_hash,
         "mlflow.source.git.commit": git_commit(),
-        "mlflow.runName": variant,
-    }
+    }  # the run's name (mlflow.runName) is the logger's run_name
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return tags
+
+
+def ensure_experiment(uri: str, experiment: str) -> str:
+    """The experiment's id; created first if needed, with its artifacts next to a SQLite database."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location(uri))
+    except Exception:  # another process created it in the meantime
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def param_value(value: Any) -> str:
@@ -101,9 +117,7 @@ def open_parent_run(
             return run_id
         except Exception:  # deleted, or another tracking store: start a new parent
             pass
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location(uri))
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name, tags=tags)
     for key, value in params.items():
         client.log_param(run.info.run_id, key, param_value(value))
     return run.info.run_id

@@ -1,10 +1,10 @@
 """Analyses of ablation runs logged to MLflow: load runs, summarise over seeds, tables and figures.
 
-    from tokzoo.analysis import load_experiment, summarize, plots
-    exp = load_experiment("roadmap_from_clip")            # $MLFLOW_TRACKING_URI, else ./mlflow.db
-    exp.table()                                           # tidy pandas table, one row per run
-    summaries = summarize(exp)                            # per variant: mean and 95% t interval over seeds
-    plots.plot_roadmap(summaries)                         # matplotlib Figure (same code as `tokzoo compare --plot`)
+from tokzoo.analysis import load_experiment, summarize, plots
+exp = load_experiment("roadmap_from_clip")            # $MLFLOW_TRACKING_URI, else ./mlflow.db
+exp.table()                                           # tidy pandas table, one row per run
+summaries = summarize(exp)                            # per variant: mean and 95% t interval over seeds
+plots.plot_roadmap(summaries)                         # matplotlib Figure (same code as `tokzoo compare --plot`)
 """
 
 from tokzoo.analysis.compare import compare

@@ -7,6 +7,8 @@
 
 Names: `vit` (geometry given explicitly), `vit_tiny` (CPU-sized default), `vit_large_unitok` (UniTok-like:
 ViTamin-L-style conv stem + 24 blocks of width 1024 at 256 px / patch 16; the decoder mirrors it, no stem).
+Encoders only: `timm` (any timm model by name, e.g. `vit_base_patch16_clip_224.openai`, `pretrained: path | true`) and
+`open_clip` (the image tower of an open_clip model, `pretrained: path | tag`); see backbones/pretrained.py.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from tokzoo.backbones.pretrained import OpenClipEncoder, TimmEncoder, write_tiny_open_clip_config
 from tokzoo.backbones.vit import ConvStem, ViTDecoder, ViTEncoder
 from tokzoo.registry import Registry
 
@@ -26,6 +29,8 @@ __all__ = [
     "DECODERS",
     "ENCODERS",
     "ConvStem",
+    "OpenClipEncoder",
+    "TimmEncoder",
     "ViTDecoder",
     "ViTEncoder",
     "build_decoder",
@@ -67,3 +72,14 @@ ENCODERS.register("vit_large_unitok", example=SMALL_UNITOK)(partial(ViTEncoder, 
 DECODERS.register("vit", example=SMALL)(ViTDecoder)
 DECODERS.register("vit_tiny", example=dict(width=32, depth=1))(partial(ViTDecoder, **TINY))
 DECODERS.register("vit_large_unitok", example=SMALL_UNITOK)(partial(ViTDecoder, **LARGE_UNITOK))
+
+# Pretrained towers; examples are one narrow block (timm: a CLIP ViT's layout; open_clip: a model config it writes).
+TIMM_SMALL = dict(
+    image_size=16,
+    model="vit_base_patch16_clip_224",
+    model_kwargs=dict(embed_dim=32, depth=1, num_heads=2, patch_size=4),
+)
+ENCODERS.register("timm", example=TIMM_SMALL)(TimmEncoder)
+ENCODERS.register(
+    "open_clip", example=lambda folder: dict(image_size=16, model=str(write_tiny_open_clip_config(folder)))
+)(OpenClipEncoder)

@@ -18,6 +18,14 @@ import torch
 from PIL import Image
 
 from tokzoo.checks import int_at_least
+from tokzoo.data.transforms import (
+    Augment,
+    ItemKey,
+    active,
+    augment_image,
+    item_key,
+    resize_center_crop,  # noqa: F401  (it lived here: importable from here still)
+)
 from tokzoo.errors import ConfigError
 from tokzoo.registry import Registry
 
@@ -91,32 +99,26 @@ def warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """RGB, shorter side resized to `size` (PIL's resize filters are antialiased), then a center crop."""
-    img = img.convert("RGB")
-    w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return img
-
-
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
     arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()  # PIL's arrays are read-only
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def load_image(source: str | Path | bytes, size: int, name: str | None = None) -> torch.Tensor | None:
-    """Decode a path or encoded bytes to (3, size, size) in [-1, 1]; None (and one warning) if unreadable."""
+def load_image(
+    source: str | Path | bytes,
+    size: int,
+    name: str | None = None,
+    augment: Augment | None = None,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor | None:
+    """Decode a path or encoded bytes to (3, size, size) in [-1, 1]; None (and one warning) if unreadable.
+    Resize + center crop, or the train augmentation drawn from `rng` (tokzoo.data.transforms)."""
     what = name or str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()
-            arr = np.asarray(resize_center_crop(img, size), dtype=np.uint8)
+            arr = np.asarray(augment_image(img, size, augment, rng), dtype=np.uint8)
     except Exception as exn:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError...)
         warn_once(what, f"skipping unreadable image {what}: {type(exn).__name__}: {exn}")
         return None
@@ -156,7 +158,8 @@ def deterministic_split(n: int, split: str, val_fraction: float, seed: int, what
 
 
 class FileListDataset(torch.utils.data.Dataset):
-    """Map-style dataset over (image path, caption, label) triples; unreadable images give None."""
+    """Map-style dataset over (image path, caption, label) triples; unreadable images give None. With an active
+    `augment` (train splits), item (epoch, i) is image i with the draws of (seed, epoch, i)."""
 
     def __init__(
         self,
@@ -166,17 +169,21 @@ class FileListDataset(torch.utils.data.Dataset):
         image_size: int,
         class_names: list[str] | None,
         prompt_templates: list[str],
+        augment: Augment | None = None,
     ):
         self.paths, self.captions, self.labels = paths, captions, labels
         self.image_size = image_size
         self.class_names = class_names
         self.prompt_templates = prompt_templates
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> Sample | None:
-        image = load_image(self.paths[i], self.image_size)
+    def __getitem__(self, key: ItemKey) -> Sample | None:
+        epoch, i = item_key(key)
+        rng = self.augment.rng(epoch, i) if active(self.augment) else None
+        image = load_image(self.paths[i], self.image_size, augment=self.augment, rng=rng)
         if image is None:
             return None
         return {"image": image, "caption": self.captions[i], "label": self.labels[i]}

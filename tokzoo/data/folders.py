@@ -17,6 +17,7 @@ from tokzoo.data.common import (
     deterministic_split,
     write_example_images,
 )
+from tokzoo.data.transforms import Augment
 from tokzoo.errors import ConfigError, DataError
 
 
@@ -65,10 +66,12 @@ def imagefolder(
     seed: int = 0,
     class_names_file: str | None = None,
     prompt_templates: list[str] | None = None,
+    augment: Augment | None = None,
 ) -> FileListDataset:
     """root/<class>/<image>; uses root/train and root/val when both exist, else a seeded split of root.
 
     label = index of the class folder (sorted); caption = a prompt template filled with the class name.
+    augment: the train split's (data.augment; the val split is always resized and center-cropped).
     """
     check_split(split)
     check_image_size(image_size)
@@ -95,7 +98,7 @@ def imagefolder(
     labels = [label for _, label in items]
     # rotate through the templates so captions vary a little across a class
     captions = [templates[i % len(templates)].format(names[label]) for i, label in enumerate(labels)]
-    return FileListDataset(paths, captions, labels, image_size, names, templates)
+    return FileListDataset(paths, captions, labels, image_size, names, templates, augment if split == "train" else None)
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -176,11 +179,13 @@ def captions(
     seed: int = 0,
     class_names: list[str] | None = None,
     prompt_templates: list[str] | None = None,
+    augment: Augment | None = None,
 ) -> FileListDataset:
     """Image-text pairs listed in a CSV (columns image, caption[, label]) or JSONL (same keys) file.
 
     Paths are relative to the file. The val split is `val_path` if given, else a seeded split of `path`.
     label: an integer, or a class name (mapped to its index in class_names, default the sorted names).
+    augment: the train split's (data.augment; the val split is always resized and center-cropped).
     """
     check_split(split)
     check_image_size(image_size)
@@ -207,4 +212,5 @@ def captions(
         image_size,
         class_names,
         templates,
+        augment if split == "train" else None,
     )

@@ -32,6 +32,7 @@ from tokzoo.data.common import (
     default_cache_dir,
     uint8_to_tensor,
 )
+from tokzoo.data.transforms import Augment, ItemKey, active, augment_array, item_key
 from tokzoo.errors import ConfigError
 
 log = logging.getLogger("tokzoo.data")
@@ -311,19 +312,31 @@ def load_or_generate(split: str, n: int, image_size: int, seed: int, cache_dir: 
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    def __init__(self, images: np.ndarray, captions: list[str], labels: np.ndarray, prompt_templates: list[str]):
+    def __init__(
+        self,
+        images: np.ndarray,
+        captions: list[str],
+        labels: np.ndarray,
+        prompt_templates: list[str],
+        augment: Augment | None = None,
+    ):
         self.images = torch.from_numpy(images)  # (N, S, S, 3) uint8: 4x smaller than float in memory
         self.captions = captions
         self.labels = labels.tolist()
         self.class_names = list(SHAPE_NAMES)
         self.prompt_templates = prompt_templates
+        self.augment = augment  # off unless data.augment asks: the full captions name positions (left/right)
 
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, key: ItemKey) -> Sample:
+        epoch, i = item_key(key)
+        image = self.images[i].numpy()
+        if active(self.augment):
+            image = augment_array(image, image.shape[0], self.augment, self.augment.rng(epoch, i))
         return {
-            "image": uint8_to_tensor(self.images[i].numpy()),
+            "image": uint8_to_tensor(image),
             "caption": self.captions[i],
             "label": self.labels[i],
         }
@@ -343,6 +356,7 @@ def shapes(
     cache_dir: str | None = None,
     prompt_templates: list[str] | None = None,
     captions: str = "full",
+    augment: Augment | None = None,
 ) -> ShapesDataset:
     """The embedded synthetic dataset; label = shape kind (class_names = SHAPE_NAMES). `captions` picks how much
     each caption says (compose_captions); the zero-shot prompts follow the same style unless given."""
@@ -356,4 +370,5 @@ def shapes(
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     images, attributes = load_or_generate(split, n, image_size, seed, root / "shapes")
     templates = check_templates(prompt_templates, default_templates(captions))
-    return ShapesDataset(images, compose_captions(attributes, captions), attributes[:, 0], templates)
+    augment = augment if split == "train" else None
+    return ShapesDataset(images, compose_captions(attributes, captions), attributes[:, 0], templates, augment)

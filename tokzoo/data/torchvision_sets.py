@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from tokzoo.data.common import (
     DATASETS,
@@ -26,9 +25,9 @@ from tokzoo.data.common import (
     check_split,
     check_templates,
     default_cache_dir,
-    resize_center_crop,
     uint8_to_tensor,
 )
+from tokzoo.data.transforms import Augment, ItemKey, active, augment_array, item_key
 from tokzoo.errors import DataError
 from tokzoo.registry import preset
 
@@ -67,7 +66,8 @@ LAYOUTS = {
 
 
 class ArrayImageDataset(torch.utils.data.Dataset):
-    """In-memory uint8 images (N, H, W, 3) + integer labels; captions from the class names and templates."""
+    """In-memory uint8 images (N, H, W, 3) + integer labels; captions from the class names and templates. With an
+    active `augment` (train split), item (epoch, i) is image i with the draws of (seed, epoch, i)."""
 
     def __init__(
         self,
@@ -76,17 +76,19 @@ class ArrayImageDataset(torch.utils.data.Dataset):
         image_size: int,
         class_names: list[str],
         templates: list[str],
+        augment: Augment | None = None,
     ):
         self.images, self.labels, self.image_size = images, labels, image_size
         self.class_names, self.prompt_templates = class_names, templates
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> Sample:
-        arr = self.images[i]
-        if arr.shape[:2] != (self.image_size, self.image_size):
-            arr = np.asarray(resize_center_crop(Image.fromarray(arr), self.image_size))
+    def __getitem__(self, key: ItemKey) -> Sample:
+        epoch, i = item_key(key)
+        rng = self.augment.rng(epoch, i) if active(self.augment) else None
+        arr = augment_array(self.images[i], self.image_size, self.augment, rng)
         label = self.labels[i]
         caption = self.prompt_templates[i % len(self.prompt_templates)].format(self.class_names[label])
         return {"image": uint8_to_tensor(arr), "caption": caption, "label": label}
@@ -119,8 +121,10 @@ def cifar(
     root: str | None = None,
     download: bool = False,
     prompt_templates: list[str] | None = None,
+    augment: Augment | None = None,
 ) -> ArrayImageDataset:
-    """CIFAR-10 or CIFAR-100 (`which`, fixed by the registered name) from `root` (default <cache_dir>/cifar)."""
+    """CIFAR-10 or CIFAR-100 (`which`, fixed by the registered name) from `root` (default <cache_dir>/cifar).
+    augment: the train split's (data.augment; the val split is always resized and center-cropped)."""
     check_split(split)
     check_image_size(image_size)
     templates = check_templates(prompt_templates, PHOTO_TEMPLATES)
@@ -143,7 +147,7 @@ def cifar(
     if not (path / layout.folder).is_dir():
         raise missing
     images, labels, names = read_cifar(path / layout.folder, layout, split)
-    return ArrayImageDataset(images, labels, image_size, names, templates)
+    return ArrayImageDataset(images, labels, image_size, names, templates, augment if split == "train" else None)
 
 
 def write_example(which: str, folder: Path) -> dict:

@@ -38,6 +38,7 @@ from tokzoo.data.common import (
     log,
     warn_once,
 )
+from tokzoo.data.transforms import Augment, active
 from tokzoo.errors import ConfigError, DataError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -133,6 +134,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
 
     samples_per_epoch (train only): every rank yields exactly samples_per_epoch // world_size items per epoch
     (cycling over its shards as needed), so DDP ranks stay in step; else (and for val) one pass.
+    augment (train only): a sample's draws come from (seed, epoch, pass, shard, key), whichever worker decodes it.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
         seed: int,
         class_names: list[str] | None,
         prompt_templates: list[str],
+        augment: Augment | None = None,
     ):
         self.shards = shards
         self.image_size = image_size
@@ -154,6 +157,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
         self.seed = seed
         self.class_names = class_names
         self.prompt_templates = prompt_templates
+        self.augment = augment
         self.epoch = 0  # advanced by each __iter__ (persistent workers keep their own copy in step)
         self._parent_rank_world: tuple[int, int] | None = None
 
@@ -169,7 +173,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             raise TypeError("webdataset without samples_per_epoch has no length")
         return self.samples_per_epoch // rank_world(self._parent_rank_world)[1]
 
-    def decode(self, raw: dict[str, bytes | str], shard: str) -> Sample | None:
+    def decode(self, raw: dict[str, bytes | str], shard: str, epoch: int = 0, rnd: int = 0) -> Sample | None:
         where = f"{shard}:{raw['__key__']}"
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
@@ -188,7 +192,8 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
         else:
             warn_once(where, f"skipping sample {where}: no .txt caption")
             return None
-        image = load_image(bytes(raw[image_key]), self.image_size, name=f"{where}.{image_key}")
+        rng = self.augment.rng(epoch, rnd, shard, str(raw["__key__"])) if active(self.augment) else None
+        image = load_image(bytes(raw[image_key]), self.image_size, f"{where}.{image_key}", self.augment, rng)
         if image is None:
             return None
         return {"image": image, "caption": caption, "label": label}
@@ -202,13 +207,13 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
         if len(shards) >= consumers:
             for shard in shards[rank::world][wid::nw]:
                 for raw in read_shard(shard):
-                    yield self.decode(raw, shard)
+                    yield self.decode(raw, shard, epoch, rnd)
             return
         index = 0
         for shard in shards:
             for raw in read_shard(shard):
                 if index % consumers == consumer:  # decode only our share
-                    yield self.decode(raw, shard)
+                    yield self.decode(raw, shard, epoch, rnd)
                 index += 1
 
     def __iter__(self) -> Iterator[Sample | None]:
@@ -289,10 +294,12 @@ def webdataset(
     seed: int = 0,
     class_names: list[str] | None = None,
     prompt_templates: list[str] | None = None,
+    augment: Augment | None = None,
 ) -> WebDatasetShards:
     """Tar shards of jpg+txt[+cls] (local paths; brace patterns like "data/{00000..00099}.tar" allowed).
 
     val: `val_urls` if given, else the last shard of `urls` is held out (train then uses the others).
+    augment: the train split's (data.augment; the val split is always resized and center-cropped).
     """
     check_split(split)
     check_image_size(image_size)
@@ -326,4 +333,5 @@ def webdataset(
         seed,
         class_names,
         templates,
+        augment if train else None,
     )

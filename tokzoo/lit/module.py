@@ -3,7 +3,6 @@ components compute."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from torch import Tensor
 from tokzoo.catalogue import absent_metrics
 from tokzoo.distributed import gather_rows
 from tokzoo.errors import NonFiniteLossError
+from tokzoo.lit.param_groups import freeze_parts, lr_multipliers, parameter_groups
+from tokzoo.losses.contrastive import caption_ids
 from tokzoo.losses.objective import TokenizerObjective, gradient_conflict
 from tokzoo.metrics import (
     CodebookUsage,
@@ -26,12 +27,6 @@ from tokzoo.metrics import (
     zero_shot_accuracy,
 )
 from tokzoo.model import TokenizerOutput, UnifiedTokenizer
-
-
-def caption_ids(captions: list[str], device: torch.device) -> Tensor:
-    """A stable 63-bit id per caption string (identical captions share one), so they can be gathered across ranks."""
-    digest = lambda c: int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") >> 1
-    return torch.tensor([digest(c) for c in captions], dtype=torch.int64, device=device)
 
 
 def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
@@ -52,6 +47,9 @@ class TokenizerModule(L.LightningModule):
         self.model = UnifiedTokenizer(
             config["model"], use_decoder=supervision != "contra", use_text=supervision != "recon"
         )
+        # Parts with optim.lr_mult 0 (or model.text.lock) are frozen before anything reads requires_grad.
+        self.lr_mults = lr_multipliers(config)
+        self.frozen_parts = freeze_parts(self.model, self.lr_mults)
         self.objective = TokenizerObjective(
             config["loss"], config["trainer"]["max_steps"], lpips=config["eval"]["lpips"]
         )
@@ -92,7 +90,8 @@ class TokenizerModule(L.LightningModule):
         images = batch["image"]
         captions = batch["caption"] if self.model.text_tower is not None else None
         out = self.model(images, captions)
-        return out, self.objective(out, images, step)
+        ids = caption_ids(captions, images.device) if captions is not None else None  # duplicates: contrastive
+        return out, self.objective(out, images, step, caption_ids=ids)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images = batch["image"]
@@ -101,7 +100,7 @@ class TokenizerModule(L.LightningModule):
         out, terms = self.loss_terms(batch, self.global_step)
         loss = terms["loss"]
         self._check_finite(loss, terms)
-        every = self.config["loss"]["grad_cos_every"]
+        every = self.config["loss"]["grad_cos_every"] if "encoder" not in self.frozen_parts else 0
         if every and "loss_contra" in terms and "loss_recon" in terms and self.global_step % every == 0:
             shared = [p for p in self.model.encoder.parameters() if p.requires_grad]
             conflict = gradient_conflict(terms["loss_recon"], terms["loss_contra"], shared)
@@ -235,27 +234,9 @@ class TokenizerModule(L.LightningModule):
         """AdamW over the module's parameter groups and the warmup + cosine schedule for total_steps (what
         configure_optimizers returns to Lightning; public so that benchmarks run the same optimiser)."""
         cfg = self.config["optim"]
-        codebooks = self.model.codebook_parameters()
-        decay, no_decay, disc = [], [], []
-        disc_ids = set()
+        groups = parameter_groups(self.model, cfg, self.lr_mults)
         if self.objective.discriminator is not None:
             disc = [p for p in self.objective.discriminator.parameters() if p.requires_grad]
-            disc_ids = {id(p) for p in disc}
-        for name, p in self.named_parameters():
-            if not p.requires_grad or id(p) in disc_ids:
-                continue
-            is_codebook = id(p) in codebooks
-            # Norms, biases, embeddings of positions, the logit scale and codebooks carry no weight decay.
-            exempt = p.ndim < 2 or "pos_embed" in name
-            if (is_codebook and not cfg["codebook_weight_decay"]) or (not is_codebook and exempt):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [
-            {"params": decay, "weight_decay": cfg["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        if disc:
             groups.append({"params": disc, "weight_decay": 0.0, "lr": cfg["disc_lr"]})
         optimizer = adamw(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
         total = max(1, total_steps)

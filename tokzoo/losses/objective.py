@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tokzoo.losses.contrastive import ContrastiveLoss
+from tokzoo.errors import ConfigError
+from tokzoo.losses.contrastive import DUPLICATE_MODES, ContrastiveLoss, caption_matches
 from tokzoo.losses.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from tokzoo.losses.reconstruction import PerceptualLoss, PixelLoss
 from tokzoo.weights import weights_available
@@ -42,6 +43,9 @@ class TokenizerObjective(nn.Module):
         self.use_contra = self.supervision in ("contra", "both")
         self.pixel = PixelLoss(loss_cfg["l1_weight"], loss_cfg["l2_weight"])
         self.contrastive = ContrastiveLoss()
+        self.duplicates = loss_cfg.get("contra_duplicates", "positive")  # identical captions: positives or negatives
+        if self.duplicates not in DUPLICATE_MODES:
+            raise ConfigError(f"loss.contra_duplicates is {self.duplicates!r}; allowed: {', '.join(DUPLICATE_MODES)}")
         self.perceptual = None
         self.absent: dict[str, str] = {}  # loss terms that cannot run here, with the reason
         if self.use_recon and lpips and loss_cfg["lpips_weight"] > 0:
@@ -73,14 +77,24 @@ class TokenizerObjective(nn.Module):
         terms["loss_recon"] = recon
         return terms
 
-    def forward(self, out: ModelOutput, images: Tensor, step: int) -> dict[str, Tensor]:
+    def forward(
+        self, out: ModelOutput, images: Tensor, step: int, caption_ids: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """caption_ids: (B,) int64, equal for identical captions (contrastive.caption_ids); None treats every
+        pair as distinct (the plain one-hot InfoNCE)."""
         terms: dict[str, Tensor] = {"loss_quant": out.quant.loss}
         total = self.cfg["quant_weight"] * out.quant.loss
         if self.use_recon:
             terms.update(self.reconstruction_terms(out, images, step))
             total = total + terms["loss_recon"] + terms.pop("_disc_total", 0.0)
         if self.use_contra:
-            terms["loss_contra"] = self.contrastive(out.image_emb, out.text_emb, out.logit_scale)
+            positives = None
+            if caption_ids is not None:
+                matches = caption_matches(caption_ids)
+                # logged in both modes: how many duplicates there were (1.0 = none)
+                terms["contra_positives_per_row"] = matches.sum(dim=1).float().mean()
+                positives = matches if self.duplicates == "positive" else None
+            terms["loss_contra"] = self.contrastive(out.image_emb, out.text_emb, out.logit_scale, positives)
             total = total + self.cfg["contra_weight"] * terms["loss_contra"]
         terms["loss"] = total
         return terms

@@ -214,7 +214,7 @@ def parse_param(name: str, spec: Any) -> Param:
     return Param(name, spec["type"], low=low, high=high, step=step, log=log, when=when)
 
 
-TRIAL_REPORTS = ("val/", "perf/images_per_sec")  # what runner.fit_variant returns as a trial's metrics
+TRIAL_REPORTS = ("val/", "val_raw/", "perf/images_per_sec")  # what runner.fit_variant returns as a trial's metrics
 
 
 def parse_objective(spec: Any, where: str) -> Objective:

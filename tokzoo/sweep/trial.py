@@ -25,7 +25,10 @@ def run_trial(folder: str | Path) -> int:
     """Train one trial from its folder (every DDP rank runs this); rank 0 writes result.json."""
     from tokzoo.config import Variant, config_hash
     from tokzoo.distributed import env_rank  # imports torch: only here, not in the sweep process
+    from tokzoo.output import configure_output
     from tokzoo.runner import check_variant, fit_variant
+
+    configure_output()  # log.txt holds tokzoo's lines (its tail is a failed trial's reason); verbose: $TOKZOO_VERBOSE
 
     folder = Path(folder)
     meta = json.loads((folder / "trial.json").read_text())

@@ -7,7 +7,8 @@
     emb = tower(ids)                                                  # (B, 128), not normalised
 
 Names: tokenizer `clip_bpe`; towers `transformer` (all sizes explicit) and `transformer_unitok`
-(UniTok's text tower: 12 layers, width 768, 12 heads, context 77, embed_dim 768; any argument overrides).
+(UniTok's text tower: 12 layers, width 768, 12 heads, context 77, embed_dim 768; any argument overrides), and
+`open_clip` (the text tower of an open_clip model with that model's tokenizer; `pretrained: path | tag`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from tokzoo.backbones.pretrained import write_tiny_open_clip_config
 from tokzoo.registry import Registry
+from tokzoo.text.open_clip_text import OpenClipText, OpenClipTokenizer
 from tokzoo.text.tokenizer import ClipBPETokenizer
 from tokzoo.text.tower import TextTransformer
 
@@ -26,6 +29,8 @@ __all__ = [
     "TEXT_TOWERS",
     "TOKENIZERS",
     "ClipBPETokenizer",
+    "OpenClipText",
+    "OpenClipTokenizer",
     "TextTransformer",
     "build_text_tower",
     "build_tokenizer",
@@ -60,3 +65,6 @@ TOKENIZERS.register("clip_bpe", example=dict(context_length=8))(ClipBPETokenizer
 TEXT_TOWERS.register("transformer", example=SMALL_TEXT)(TextTransformer)
 # A preset: the same class with UniTok's sizes as defaults (any argument overrides).
 TEXT_TOWERS.register("transformer_unitok", example=SMALL_TEXT)(partial(TextTransformer, **UNITOK_TEXT))
+TEXT_TOWERS.register("open_clip", example=lambda folder: dict(model=str(write_tiny_open_clip_config(folder))))(
+    OpenClipText
+)

@@ -107,7 +107,7 @@ def test_cli_ddp_logs_one_generation_probe_result(cli_ddp):
     (run,) = cli_ddp.runs
     history = client.get_metric_history(run.info.run_id, "val/gen_bits_per_image")
     assert len(history) == 1  # rank 0 alone runs the probe
-    assert 0 < history[0].value <= run.data.metrics["val/gen_uniform_bits_per_image"]
+    assert history[0].value > 0  # 3 prior steps: below the uniform bound is not yet guaranteed
 
 
 def test_cli_ddp_checkpoint_is_sane(cli_ddp):

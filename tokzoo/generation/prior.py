@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokzoo.checks import positive_int
+from tokzoo.checks import divides, positive_int
 from tokzoo.errors import ConfigError
 
 
@@ -66,8 +66,7 @@ class TokenPrior(nn.Module):
         if not codebook_sizes:
             raise ConfigError(f"{what}: a continuous quantizer has no codes to model")
         positive_int(what, num_positions=num_positions, width=width, depth=depth, heads=heads, head_depth=head_depth)
-        if width % heads:
-            raise ConfigError(f"{what}: width {width} must be divisible by heads {heads}")
+        divides(what, "width", width, "heads", heads)
         self.sizes, self.num_positions, self.num_classes = list(codebook_sizes), num_positions, num_classes
         self.class_dropout = class_dropout
         # classes 0..K-1, then the null class (unconditional / dropped label); a start token when K = 0

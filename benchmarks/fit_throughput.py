@@ -10,11 +10,14 @@ first one.
     python benchmarks/fit_throughput.py --cases current compile        # torch.compile off vs on
     python benchmarks/fit_throughput.py --cases current ddp2 --steps 100   # 1 process vs 2 gloo ranks (CPU)
     python benchmarks/fit_throughput.py --cases current gradcos            # gradient-cosine logging every 10 steps
+    python benchmarks/fit_throughput.py --cases current nodes2 --steps 100  # 1 process vs 2 torchrun "nodes"
 
 Cases: `baseline` (the commit given by --baseline, checked out with `git worktree` into a temporary folder and run
 from there), `current` (this tree), `compile` (this tree, compile=true), `ddp2` (this tree,
 trainer.devices=2 trainer.strategy=ddp; on CPU each rank gets cores / 2 threads, and images/s counts both ranks),
-`gradcos` (this tree, loss.grad_cos_every=10: the cost of measuring the gradient conflict).
+`nodes2` (two `torchrun --nnodes 2` processes on 127.0.0.1 running `python -m tokzoo fit`, one gloo rank each with
+cores / 2 threads: on one machine this measures the multi-node path's overhead, not a speed-up), `gradcos` (this
+tree, loss.grad_cos_every=10: the cost of measuring the gradient conflict).
 Extra arguments are dot-list overrides for every case (e.g. data.batch_size=32).
 """
 
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,8 +44,29 @@ def case_overrides(case: str) -> list[str]:
     return {
         "compile": ["compile=true"],
         "ddp2": ["trainer.devices=2", "trainer.strategy=ddp"],
+        "nodes2": ["trainer.num_nodes=2", "trainer.devices=1", "trainer.strategy=ddp", "trainer.accelerator=cpu"],
         "gradcos": ["loss.grad_cos_every=10"],
     }.get(case, [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def half_the_cores() -> dict[str, str]:
+    """Two "nodes" on one machine share its cores, as 2 DDP ranks under Lightning's launcher do."""
+    n = str(max(1, (os.cpu_count() or 2) // 2))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def node_command(node: int, port: int, fit_args: list[str]) -> list[str]:
+    """torchrun for node `node` of 2 (one process each, on 127.0.0.1), running `python -m tokzoo fit ...`."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
+        "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "tokzoo", *fit_args,
+    ]  # fmt: skip
 
 
 def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir: Path) -> dict:
@@ -54,7 +79,14 @@ def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir:
     env = {**os.environ, "PYTHONPATH": str(source), "PYTHONUNBUFFERED": "1", "TOKZOO_CACHE": str(workdir / "cache")}
     command = [sys.executable, "-m", "tokzoo.cli", "fit", *args, *overrides, *case_overrides(case)]
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    if case == "nodes2":
+        procs = [subprocess.Popen(node_command(node, port, command[3:]), cwd=folder, env={**env, **threads},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for port, threads in [(free_port(), half_the_cores())] for node in (0, 1)]  # fmt: skip
+        outcomes = [(p.wait(), p.stderr.read()) for p in procs]
+        proc = subprocess.CompletedProcess(command, max(rc for rc, _ in outcomes), "", outcomes[0][1])
+    else:
+        proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"case {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -74,7 +106,8 @@ def run_case(case: str, source: Path, steps: int, overrides: list[str], workdir:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", nargs="+", default=None, choices=("baseline", "current", "compile", "ddp2", "gradcos"))
+    cases = ("baseline", "current", "compile", "ddp2", "nodes2", "gradcos")
+    p.add_argument("--cases", nargs="+", default=None, choices=cases)
     p.add_argument("--baseline", default=None, help="git commit for the `baseline` case")
     p.add_argument("--steps", type=int, default=200, help="trainer.max_steps of every run")
     p.add_argument("--repeats", type=int, default=2)

@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version("vector-quantize-pytorch")
     except Exception:
-        console.print("vector-quantize-pytorch is not installed: pip install -e '.[bench]'")
+        console.print("vector-quantize-pytorch is not installed: pip install -e '.[bench]'", markup=False)
         return 2
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)

@@ -23,7 +23,8 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from tokzoo.config import load_variants
 from tokzoo.lit.module import TokenizerModule
-from tokzoo.runner import build_datamodule, safe_name, trainer_kwargs
+from tokzoo.resume import safe_name
+from tokzoo.runner import build_datamodule, trainer_kwargs
 
 
 class SaveRankState(L.Callback):

@@ -52,6 +52,8 @@ def test_collate_drops_none_and_counts_them():
     assert batch["skipped"] == 2
     empty = collate_samples([None])
     assert empty["image"].shape[0] == 0 and empty["skipped"] == 1
+    # a replacement carries the number of unreadable samples it stands in for
+    assert collate_samples([item, {**item, "skipped": 2}])["skipped"] == 2
 
 
 # ---------------------------------------------------------------- shapes
@@ -367,3 +369,53 @@ def test_datamodule_resumes_the_order_from_the_trainers_step(tmp_path):
     assert len(uninterrupted) == 20 and len(resumed) == 7 + 10
     assert resumed[:7] == uninterrupted[13:]
     assert resumed[7:] != uninterrupted[10:]  # epoch 2 is a new permutation, not a replay of epoch 1
+
+
+# ---------------------------------------------------------------- DDP-safe loaders: full train batches, exact val
+
+
+def _fake_trainer(rank: int = 0, world_size: int = 1):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=rank, world_size=world_size)
+
+
+def test_train_loader_replaces_an_unreadable_image_and_keeps_batches_full(tmp_path, caplog):
+    from tokzoo.lit.datamodule import TokzooDataModule
+
+    _make_folder(tmp_path / "data" / "train")
+    _make_folder(tmp_path / "data" / "val")
+    (tmp_path / "data" / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    dm = TokzooDataModule("imagefolder", image_size=16, batch_size=3, dataset_kwargs={"root": str(tmp_path / "data")})
+    dm.trainer = _fake_trainer()
+    dm.setup("fit")
+    assert len(dm.train_set) == 9 and dm.train_set[list(map(str, dm.train_set.paths)).index(
+        str(tmp_path / "data" / "train" / "cat" / "broken.jpg"))] is None  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tokzoo.data"):
+        batches = list(dm.train_dataloader())
+    assert [b["image"].shape[0] for b in batches] == [3, 3, 3]  # 9 items, one unreadable: still 3 full batches
+    assert sum(b["skipped"] for b in batches) == 1 and "broken.jpg" in caplog.text
+
+    from tokzoo.data.common import ReplaceUnreadable
+
+    wrapped = ReplaceUnreadable(dm.train_set)
+    bad = [i for i in range(len(dm.train_set)) if dm.train_set[i] is None]
+    assert bad and wrapped[bad[0]]["caption"] == dm.train_set[(bad[0] + 1) % 9]["caption"]  # the next item
+    assert wrapped[(0, bad[0])]["skipped"] == 1  # (epoch, index) keys too
+
+
+def test_val_loader_splits_without_padding(tmp_path):
+    from tokzoo.lit.datamodule import TokzooDataModule, ValSplitSampler
+
+    assert [list(ValSplitSampler(range(9), rank=r, world_size=2)) for r in range(2)] == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]
+    kwargs = {"num_train": 8, "num_val": 9, "cache_dir": str(tmp_path)}
+    seen = []
+    for rank in range(2):
+        dm = TokzooDataModule("shapes", image_size=32, batch_size=4, dataset_kwargs=kwargs)
+        dm.trainer = _fake_trainer(rank, 2)
+        seen.append([len(b["caption"]) for b in dm.val_dataloader()])
+    assert seen == [[4, 1], [4]]  # 9 images scored once each; ranks may hold different numbers of batches
+    dm = TokzooDataModule("shapes", image_size=32, batch_size=4, dataset_kwargs={**kwargs, "num_val": 2})
+    dm.trainer = _fake_trainer(0, 3)
+    with pytest.raises(ConfigError, match="fewer than the 3 ranks"):
+        dm.val_dataloader()

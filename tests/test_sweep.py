@@ -1,6 +1,7 @@
-"""`tokzoo sweep`: sweep-file checks, conditional spaces, objective fallback, stale-trial recovery (fast), and the
+"""`tokzoo sweep`: sweep-file checks, conditional spaces, objective fallback, the trial side's pruning (fast), and the
 real command on the embedded dataset (slow): a grid with 2 workers, a failing trial, resume after a kill,
-SQLite / PostgreSQL storages and a DDP trial."""
+SQLite / PostgreSQL storages and a DDP trial. Stale trials and many hosts: test_sweep_hosts.py; a trial's GPUs and
+environment: test_sweep_launch.py."""
 
 from __future__ import annotations
 
@@ -20,18 +21,11 @@ from optuna.trial import TrialState
 
 from tokzoo.errors import ConfigError
 from tokzoo.sweep import (
-    BEAT_ATTR,
-    OWNER_ATTR,
-    Requeue,
     budget_used,
-    fail_stale,
     load_sweep,
-    open_storage,
-    process_identity,
     resolve_objectives,
     suggest,
 )
-from tokzoo.sweep.optuna_side import record_beat
 
 PSNR = [{"metric": "val/psnr", "direction": "maximize"}]
 GRID = {
@@ -88,6 +82,10 @@ def sweep(args: list[str], cwd: Path, timeout: float = 420) -> subprocess.Comple
         ),
         ({"objectives": [{"metric": "val/bits_per_token"}]}, "give direction: minimize or direction: maximize"),
         ({"objectives": [{"metric": "train/loss"}]}, "a trial reports only its final val/"),
+        ({"heartbeat": {"interval": 0}}, "heartbeat.interval must be a positive whole number"),
+        ({"heartbeat": {"interval": 2, "grace": 2.5}}, "heartbeat.grace must be a positive whole number"),
+        ({"heartbeat": {"interval": 5, "grace": 6}}, "at least twice heartbeat.interval"),
+        ({"heartbeat": {"every": 5}}, "heartbeat must be a mapping {interval: S, grace: S}"),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path: Path, fields: dict, message: str) -> None:
@@ -167,44 +165,6 @@ def test_objective_falls_back_when_the_metric_cannot_be_computed(tmp_path: Path)
     assert resolve_objectives(spec.objectives, spec.trial_config({}))[0]["metric"] in ("val/rfid", "val/psnr")
 
 
-def test_stale_trial_of_a_dead_sweep_is_failed_and_requeued(tmp_path: Path) -> None:
-    spec = load_sweep(sweep_file(tmp_path))
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(spec.storage)), study_name="tiny")
-    trial = study.ask()
-    params = suggest(trial, spec)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, process_identity(dead.pid).replace("?", "x"))
-    alive = study.ask()  # owned by this (live) process: left alone
-    study._storage.set_trial_system_attr(alive._trial_id, OWNER_ATTR, process_identity())
-
-    assert fail_stale(study, spec, Requeue(max_retry=2)) == [trial.number]
-    trials = study.get_trials()
-    assert trials[trial.number].state == TrialState.FAIL
-    assert trials[trial.number].user_attrs["fail_reason"].startswith("stale")
-    assert trials[alive.number].state == TrialState.RUNNING
-    (waiting,) = [t for t in trials if t.state == TrialState.WAITING]
-    assert waiting.params == params and waiting.system_attrs["failed_trial"] == trial.number
-    assert budget_used(trials) == 2  # the failed original does not count, its re-queued copy does
-    assert study.ask().params == params  # the next ask runs the copy
-
-
-def test_live_trial_of_another_host_is_not_failed_on_a_heartbeat_storage(tmp_path: Path) -> None:
-    """With an RDB (native heartbeat), a trial whose owner is on another host and beats through Optuna's heartbeat
-    stays RUNNING, however old tokzoo's own start-time attr is (it was failed after `grace` seconds before)."""
-    spec = load_sweep(sweep_file(tmp_path, heartbeat={"interval": 1, "grace": 5}), storage=f"sqlite:///{tmp_path}/o.db")
-    study = optuna.create_study(storage=open_storage(spec.storage, 1, 5), study_name="tiny")
-    trial = study.ask()
-    storage = study._storage
-    storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, "another-host:4242:123")
-    storage.set_trial_system_attr(trial._trial_id, BEAT_ATTR, time.time() - 3600)  # written once, an hour ago
-    record_beat(storage, trial._trial_id)  # what the owning sweep process does every interval
-    assert fail_stale(study, spec, Requeue(max_retry=2)) == []
-    assert study.get_trials()[trial.number].state == TrialState.RUNNING
-
-
 def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[tuple[Any, Any]]:
     """Wrap module.name, recording (first argument, result) of each call."""
     real, calls = getattr(module, name), []
@@ -221,8 +181,9 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[tuple[
 def _sweep_without_mlflow(monkeypatch: pytest.MonkeyPatch, spec: Any) -> Any:
     """The sweep process up to its first trial, with the MLflow side stubbed (these tests are about Optuna)."""
     from tokzoo import tracking
-    from tokzoo.sweep import Sweep
+    from tokzoo.sweep import Sweep, pool
 
+    monkeypatch.setattr(pool, "PARENT_SETTLE_S", 0.0)  # one sweep process: no other parent run to wait for
     monkeypatch.setattr(tracking, "check_tracking", lambda uri: None)
     monkeypatch.setattr(tracking, "open_parent_run", lambda *args, **kwargs: "parent")
     return Sweep(spec, 1, log=lambda line: None)
@@ -292,7 +253,7 @@ def test_trial_builds_its_pruner_from_the_one_pruner_map(monkeypatch: pytest.Mon
     built = _spy(monkeypatch, optuna_side, "make_pruner")
     monkeypatch.setattr(optuna, "load_study", lambda **kwargs: kwargs["pruner"])  # no storage needed
     monkeypatch.setattr(optuna.trial, "Trial", lambda study, trial_id: None)
-    monkeypatch.setattr(optuna_side, "open_storage", lambda url: None)
+    monkeypatch.setattr(optuna_side, "open_storage", lambda url, **kwargs: None)
     trial.pruning_hook({"pruner": {"type": "median"}, "storage": "x", "study": "s", "trial_id": 0,
                         "objectives": [{"metric": "val/psnr"}]}, {})  # fmt: skip
     (call,) = built

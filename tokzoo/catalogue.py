@@ -177,7 +177,8 @@ _ENTRIES = (
     ),
     Metric("train/grad_norm_recon", "grad norm recon", "grad L2 norm, recon", None, absent_when=(_not_both,)),
     Metric("train/grad_norm_contra", "grad norm contra", "grad L2 norm, contra", None, absent_when=(_not_both,)),
-    Metric("train/skipped_samples", "skipped", "unreadable samples skipped", False),
+    Metric("train/skipped_samples", "skipped", "unreadable samples replaced (running total over ranks)", False),
+    Metric("val/num_images", "val images", "validation images scored (over all ranks)", None),
     Metric("perf/images_per_sec", "images/s", "training throughput (images/s)", True),
     Metric("perf/wall_seconds", "time (s)", "wall time (s)", False),
 )  # fmt: skip

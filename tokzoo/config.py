@@ -188,6 +188,12 @@ def validate(cfg: dict[str, Any]) -> None:
         _expect(cfg, f"loss.{key}", float, minimum=0.0)
     _expect(cfg, "loss.gan_start", float, minimum=0.0)
     _expect(cfg, "loss.grad_cos_every", int, minimum=0)
+    _expect(cfg, "loss.recon_batch_fraction", float)
+    fraction = cfg["loss"]["recon_batch_fraction"]
+    if not 0 < fraction <= 1:
+        raise ConfigError(
+            f"config key 'loss.recon_batch_fraction' is {fraction}; it must be in (0, 1] (1 = the whole batch)"
+        )
     if cfg["loss"]["contra_duplicates"] not in CONTRA_DUPLICATES:
         raise ConfigError(
             f"config key 'loss.contra_duplicates' is {cfg['loss']['contra_duplicates']!r}; "

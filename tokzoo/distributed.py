@@ -1,14 +1,13 @@
 """Every rank / world-size question tokzoo asks, in one place.
 
 Two kinds of answer: the process group's (set up by Lightning or torchrun; decided at call time, because
-components are built before the group exists) and the launcher's environment (read before any group exists, by
-the CLI and the sweep's trial process, to decide who prints and who writes result files). Collectives are
-torch.distributed's and torchmetrics' own; nothing here hand-rolls one.
+components are built before the group exists) and the launcher's, from Lightning's own cluster-environment
+detection (torchrun, SLURM, LSF, MPI, Lightning's DDP launcher), asked before any group exists by the CLI and the
+sweep's trial process to decide who prints and who writes result files. Collectives are torch.distributed's and
+torchmetrics' own; nothing here hand-rolls one.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
@@ -32,9 +31,36 @@ def rank_world() -> tuple[int, int]:
     return rank(), world_size()
 
 
+def launcher_environment():
+    """The cluster environment Lightning would pick for this process (TorchElastic for torchrun, SLURM for srun,
+    Lightning's own for its DDP launcher and plain runs), asked before any process group exists."""
+    from lightning.fabric.plugins.environments import (
+        LightningEnvironment,
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment):
+        if env.detect():
+            return env() if env is not SLURMEnvironment else env(auto_requeue=False)
+    if MPIEnvironment.detect():
+        return MPIEnvironment()
+    return LightningEnvironment()
+
+
 def env_rank() -> int:
-    """The launcher's rank of this process, before any process group exists (NODE_RANK, LOCAL_RANK)."""
-    return int(os.environ.get("NODE_RANK", "0")) * 1000 + int(os.environ.get("LOCAL_RANK", "0"))
+    """This process's global rank as its launcher assigned it, before any process group exists.
+
+    Under Lightning's own launcher the global rank is not known before the Trainer counts devices, but rank zero
+    is exactly node 0, local rank 0; other processes get a distinct positive number (node * 1000 + local)."""
+    env = launcher_environment()
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    if isinstance(env, LightningEnvironment):
+        return env.node_rank() * 1000 + env.local_rank()
+    return env.global_rank()
 
 
 def is_env_rank_zero() -> bool:

@@ -99,14 +99,16 @@ class UnifiedTokenizer(nn.Module):
         # z_q: (B, N, dim) -> images (B, 3, H, W)
         return self.decoder(self.decoder_in(self.factor_up(z_q)))
 
-    def forward(self, images: Tensor, captions: list[str] | None = None) -> TokenizerOutput:
+    def forward(
+        self, images: Tensor, captions: list[str] | None = None, recon_rows: int | None = None
+    ) -> TokenizerOutput:
         """Everything the objective and the metrics read, as tensors; captions are embedded when given (and there
-        is a text tower)."""
+        is a text tower). recon_rows: decode only the first that many images (recon is then (recon_rows, ...))."""
         quant = self.encode(images)
         tokens = self.factor_up(quant.z_q)  # (B, N, width)
         out = TokenizerOutput(recon=None, quant=quant, pooled_codes=quant.z_q.mean(dim=1), image_emb=None)
         if self.decoder is not None:
-            out.recon = self.decoder(self.decoder_in(tokens))
+            out.recon = self.decoder(self.decoder_in(tokens if recon_rows is None else tokens[:recon_rows]))
             out.decoder_last_weight = self.decoder.last_layer_weight
         if self.image_head is not None:
             out.image_emb = F.normalize(self.image_head(tokens.mean(dim=1)), dim=-1)

@@ -36,6 +36,8 @@ QUIET_WARNINGS = (
     (FutureWarning, r"`broadcast_buffers` is deprecated"),
     # the differentiable gather of tokzoo.distributed; its replacement is still a private torch module
     (FutureWarning, r"torch.distributed.nn.functional.all_gather is deprecated"),
+    # a streamed webdataset knows its exact per-rank, per-worker length (data/webdataset.py samples_per_epoch)
+    (UserWarning, r"Your `IterableDataset` has `__len__` defined"),
 )
 
 _HANDLER_NAME = "tokzoo-console"

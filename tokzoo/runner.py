@@ -20,22 +20,30 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tokzoo.catalogue import HEADLINE, RAW_HEADLINE, RAW_PREFIX
-from tokzoo.config import Variant, config_hash, flatten, load_variants
+from tokzoo.config import Variant, flatten, load_variants
 from tokzoo.data import DATASETS
 from tokzoo.distributed import is_env_rank_zero
 from tokzoo.errors import ConfigError, NonFiniteLossError
-from tokzoo.lit.callbacks import ImagesPerSecond, StepProgress
+from tokzoo.lit.callbacks import ImagesPerSecond, SharedOutputDir, StepProgress
 from tokzoo.lit.datamodule import TokzooDataModule, train_augment
 from tokzoo.lit.ema import ema_callback, ema_state_dict
 from tokzoo.lit.module import TokenizerModule
 from tokzoo.model import UnifiedTokenizer
 from tokzoo.probe_run import probe_and_log
 from tokzoo.registry import check_kwargs
+from tokzoo.resume import (
+    COMPLETE_TAG,
+    RollingCheckpoint,
+    checked_checkpoint,
+    checkpoint_path,
+    is_complete,
+    previous_runs,
+    resume_checkpoint,
+)
 from tokzoo.tracking import (
     artifact_location,
     check_tracking,
@@ -44,6 +52,7 @@ from tokzoo.tracking import (
     run_tags,
     tracking_uri,
 )
+from tokzoo.tracking_buffer import BufferedMLFlowLogger, replay_pending
 
 log = logging.getLogger("tokzoo.runner")
 
@@ -66,10 +75,6 @@ class VariantResult:
     absent: dict[str, str] = field(default_factory=dict)  # metric -> why it was not logged (the absent.* tags)
 
 
-def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(config["trainer"])
     accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
@@ -84,13 +89,27 @@ def trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     kwargs.setdefault("max_epochs", -1)
     if "log_every_n_steps" in kwargs:  # a run shorter than the interval would log no training metric at all
         kwargs["log_every_n_steps"] = max(1, min(kwargs["log_every_n_steps"], kwargs["max_steps"]))
-    if kwargs.get("strategy") == "ddp":
+    if kwargs.get("strategy", "auto") in ("ddp", "auto") and picks_ddp(kwargs):
         # The quantizers all-reduce their own codebook state; DDP's per-forward broadcast of rank 0's buffers
-        # would only cost communication and hide a rank that drifted.
+        # would only cost communication and hide a rank that drifted. `auto` on several devices or nodes is DDP
+        # too, and gets the same settings.
         from lightning.pytorch.strategies import DDPStrategy
 
         kwargs["strategy"] = DDPStrategy(broadcast_buffers=False)
     return kwargs
+
+
+def picks_ddp(kwargs: dict[str, Any]) -> bool:
+    """Whether Lightning resolves these trainer settings to its DDP strategy (several devices or nodes)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if kwargs.get("strategy") == "ddp":
+        return True
+    try:
+        probe = throwaway_trainer(kwargs)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError):
+        return False  # check_variant reports the settings Lightning rejects
+    return type(probe.strategy) is DDPStrategy
 
 
 def build_datamodule(config: dict[str, Any]) -> TokzooDataModule:
@@ -125,41 +144,6 @@ class ValidationHook(L.Callback):
             trainer.should_stop = True
 
 
-def previous_runs(uri: str, experiment: str, variant: Variant) -> list[Any]:
-    """Runs of this experiment for this variant and config hash, newest first (empty if none or no experiment)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    query = f"tags.`tokzoo.variant` = '{variant.name}' and tags.`tokzoo.config_hash` = '{variant.config_hash}'"
-    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
-
-
-def checkpoint_path(experiment: str, variant: Variant) -> Path:
-    """outputs/<experiment>/<variant>/checkpoints/last-<hash>.ckpt. Named by config hash: changing a value starts a
-    new checkpoint instead of resuming from an unrelated one."""
-    folder = Path(variant.config["output_dir"]) / safe_name(experiment) / safe_name(variant.name)
-    return folder / "checkpoints" / f"last-{variant.config_hash}.ckpt"
-
-
-def checked_checkpoint(path: Path, variant: Variant) -> Path:
-    """A checkpoint to resume from must come from the same config; anything else is refused, never mixed in."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files: name the file and the fix
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start over") from None
-    saved = (state.get("hyper_parameters") or {}).get("config")
-    if not isinstance(saved, dict) or config_hash(saved) != variant.config_hash:
-        raise ConfigError(
-            f"checkpoint {path} was written by a different config than variant '{variant.name}' "
-            f"(hash {config_hash(saved) if isinstance(saved, dict) else 'unknown'} vs {variant.config_hash}); "
-            f"delete it, or set output_dir to a fresh folder"
-        )
-    return path
-
-
 def result_from_run(run: Any, variant: Variant, bits: float) -> VariantResult:
     metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val/", RAW_PREFIX, "perf/"))}
     result = VariantResult(variant.name, bits, metrics, run.data.metrics.get("perf/wall_seconds", 0.0))
@@ -180,12 +164,13 @@ def fit_variant(
     config = variant.config
     last = checkpoint_path(experiment, variant)
     out_dir = last.parent.parent
+    replay_pending(uri, out_dir, rank_zero=is_env_rank_zero())  # what an earlier process could not send, first
     prior = previous_runs(uri, experiment, variant) if resume else []
-    finished = next((r for r in prior if r.info.status == "FINISHED"), None)
+    finished = next((r for r in prior if is_complete(r)), None)
     if finished is not None:
         bits = float(finished.data.params.get("model.quantizer.bits_per_token", "nan"))
         return result_from_run(finished, variant, bits)
-    ckpt_path = checked_checkpoint(last, variant) if resume and last.exists() else None
+    ckpt_path = resume_checkpoint(last, variant) if resume else None
     run_id = prior[0].info.run_id if (ckpt_path is not None and prior) else None
 
     L.seed_everything(variant.seed, workers=True, verbose=False)
@@ -195,7 +180,8 @@ def fit_variant(
     datamodule = build_datamodule(config)
     module = TokenizerModule(config)
     module.grid_path = out_dir / "recon_grid.png"
-    logger = MLFlowLogger(
+    logger = BufferedMLFlowLogger(  # keeps what an unreachable server cannot take (tracking_buffer)
+        journal_folder=out_dir,
         experiment_name=experiment,
         run_name=variant.name,
         tracking_uri=uri,
@@ -222,7 +208,10 @@ def fit_variant(
         callbacks.append(ValidationHook(on_validation))
     if kwargs.get("enable_progress_bar", True):  # in steps of max_steps (Lightning's bars count epochs' batches)
         callbacks.append(StepProgress(variant.name))
+    callbacks.append(SharedOutputDir(out_dir))
     trainer = L.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(out_dir), **kwargs)
+    if trainer.is_global_zero and run_id is not None:  # a resumed run is running again (a requeue marked it FINISHED)
+        logger.experiment.update_run(run_id, status="RUNNING")
     if trainer.is_global_zero and run_id is None:
         params = {k: param_value(v) for k, v in flatten(config).items()}
         params["model.quantizer.bits_per_token"] = module.model.quantizer.bits_per_token
@@ -247,6 +236,7 @@ def fit_variant(
         if trainer.is_global_zero:
             logger.experiment.set_tag(logger.run_id, "tokzoo.fail_reason", str(err)[:5000])
             result.run_id = logger.run_id
+        logger.flush_pending()
         return result
     finally:
         TRAINING.clear()
@@ -272,6 +262,10 @@ def fit_variant(
                 module.load_state_dict(ema_state_dict(torch.load(last, map_location="cpu", weights_only=True)))
             where = (client, run_id, trainer.global_step, out_dir, trainer.strategy.root_device)
             result.metrics.update(probe_and_log(module.model, datamodule, config, *where))
+        client.set_tag(run_id, COMPLETE_TAG, "true")  # last: a rerun skips this variant from here on
+    logger.flush_pending()  # a server still down: the journal waits for the rerun
+    for stale in out_dir.glob("hpc_ckpt_*.ckpt"):  # the rolling checkpoint now holds the final state
+        stale.unlink(missing_ok=True)
     return result
 
 
@@ -280,8 +274,7 @@ def check_variant(variant: Variant) -> int:
     config = variant.config
     kwargs = trainer_kwargs(config)
     try:  # values (precision, accelerator, devices) are checked by Lightning itself; nothing is launched here
-        with quiet_lightning():
-            L.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+        throwaway_trainer(kwargs)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
         message = " ".join(str(err).split())
         named = [f"trainer.{k}={kwargs[k]!r}" for k in config["trainer"] if k.replace("_", " ") in message.lower()]
@@ -300,16 +293,10 @@ def check_variant(variant: Variant) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class RollingCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that saves on SIGTERM and other interruptions, but not on a non-finite loss: the weights of
-    a diverging step are no 'last good' state, so the previous rolling checkpoint is kept instead."""
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, NonFiniteLossError):
-            super().on_exception(trainer, pl_module, exception)
-            if trainer.is_global_zero:
-                where = self.format_checkpoint_name(self._monitor_candidates(trainer))
-                log.warning("%s at step %d: saved checkpoint %s", type(exception).__name__, trainer.global_step, where)
+def throwaway_trainer(kwargs: dict[str, Any]) -> L.Trainer:
+    """A Trainer built only to let Lightning check and resolve the settings (no logger, nothing launched)."""
+    with quiet_lightning():
+        return L.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
 
 
 @contextlib.contextmanager
@@ -343,10 +330,30 @@ def check_output_dir(folder: Path, needed_bytes: int) -> None:
         )
 
 
+def create_store_once(uri: str) -> None:
+    """Create a new SQLite store's tables while holding a lock on its folder: processes that torchrun or srun start
+    together would otherwise all try to create them at once, and all but one fail ("table ... already exists").
+    The lock is on the folder itself, so no lock file is left beside the store."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    folder = os.open(Path(uri[len("sqlite:///") :]).parent or ".", os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without flock: the store is created unlocked, as before
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    finally:
+        os.close(folder)  # releases the lock
+
+
 def fit(path: str, overrides: list[str]) -> tuple[str, list[VariantResult]]:
     experiment, variants = load_variants(path, overrides)
     uri = tracking_uri(variants[0].config["tracking"]["uri"])
     check_tracking(uri)
+    create_store_once(uri)
     largest = 0
     for variant in variants:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import urllib.error
@@ -12,6 +13,8 @@ from typing import Any
 from tokzoo.errors import ConfigError
 
 DEFAULT_DB = "mlflow.db"
+
+log = logging.getLogger("tokzoo.tracking")
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -84,15 +87,27 @@ def ensure_experiment(uri: str, experiment: str) -> str:
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(experiment, artifact_location(uri))
-    except Exception:  # another process created it in the meantime
+    if exp is None:
+        try:
+            client.create_experiment(experiment, artifact_location(uri))
+        except Exception:  # another process created it in the meantime
+            if client.get_experiment_by_name(experiment) is None:
+                raise
         exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    check_artifact_store(uri, exp.artifact_location)
+    return exp.experiment_id
+
+
+def check_artifact_store(uri: str, location: str) -> None:
+    """A server's experiments should keep artifacts in the server's store (proxied, `mlflow-artifacts:/`); a plain
+    path would be written by each client on its own disk, invisible to the others."""
+    if uri.startswith(("http://", "https://")) and location.startswith(("file:", "/")):
+        log.warning(
+            "MLflow server %s gives this experiment the artifact location %s: grids and other artifacts would be "
+            "written on this machine, not on the server; start the server with --serve-artifacts "
+            "--artifacts-destination DIR (and without --default-artifact-root), and use a new experiment",
+            uri, location,
+        )  # fmt: skip
 
 
 def param_value(value: Any) -> str:

@@ -1,8 +1,11 @@
 """Shared pieces of the data layer: the registry, image loading, sample format and collation.
 
 Every dataset item is a dict {"image": FloatTensor (3, H, W) in [-1, 1], "caption": str, "label": int}
-(label -1 when unknown), or None when the sample could not be read; `collate_samples` drops the Nones and
-counts them so a corrupt file costs one sample, never a run.
+(label -1 when unknown), or None when the sample could not be read. Training never sees the None: the train
+loader replaces an unreadable sample by another one (`ReplaceUnreadable` for map-style sets, the stream's next
+readable sample for webdataset), which carries the count in an extra "skipped" key, so every batch is full and DDP
+ranks run the same steps. `collate_samples` sums those counts and drops (and counts) any None left, so a corrupt
+file costs one sample, never a run.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tokzoo.data.transforms import (
     item_key,
     resize_center_crop,  # noqa: F401  (it lived here: importable from here still)
 )
-from tokzoo.errors import ConfigError
+from tokzoo.errors import ConfigError, DataError
 from tokzoo.registry import Registry
 
 log = logging.getLogger("tokzoo.data")
@@ -128,10 +131,11 @@ def load_image(
 def collate_samples(items: list[Sample | None]) -> dict[str, Any]:
     """Stack samples into {"image": (B,3,H,W), "caption": [str], "label": (B,) int64, "skipped": int}.
 
-    None items (unreadable samples) are dropped and counted in "skipped"; B may be 0 if all were None.
+    "skipped": the unreadable samples behind this batch: the replacements' counts, plus None items (dropped here;
+    only val loaders still yield them, so only a val batch can be short, or empty if all were None).
     """
     kept = [it for it in items if it is not None]
-    skipped = len(items) - len(kept)
+    skipped = len(items) - len(kept) + sum(int(it.get("skipped", 0)) for it in kept)
     if not kept:
         return {
             "image": torch.zeros(0, 3, 0, 0),
@@ -187,6 +191,34 @@ class FileListDataset(torch.utils.data.Dataset):
         if image is None:
             return None
         return {"image": image, "caption": self.captions[i], "label": self.labels[i]}
+
+
+class ReplaceUnreadable(torch.utils.data.Dataset):
+    """A map-style train set as its loader sees it: an unreadable item i is replaced by the next readable one
+    (i + 1, i + 2, ... modulo the length, same epoch key), which carries the number it replaced in "skipped".
+    Deterministic, so a resumed run reads the same replacements."""
+
+    max_tries = 64  # then the data, not one file, is broken
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: ItemKey) -> Sample:
+        epoch, i = item_key(key)
+        n = len(self.dataset)
+        tries = min(n, self.max_tries)
+        for k in range(tries):
+            j = (i + k) % n
+            sample = self.dataset[(epoch, j) if isinstance(key, tuple) else j]
+            if sample is not None:
+                return {**sample, "skipped": k} if k else sample
+        raise DataError(
+            f"{tries} samples in a row from index {i} of the train set are unreadable; check the data files (the "
+            "warnings above name them)"
+        )
 
 
 def write_example_images(folder: Path, count: int, size: tuple[int, int] = (20, 14)) -> list[Path]:

@@ -1,30 +1,50 @@
-"""`webdataset`: image-text pairs streamed from tar shards (WebDataset / DataComp layout).
+"""`webdataset`: image-text pairs streamed from tar shards (WebDataset / DataComp layout), read with the `webdataset`
+library from any URL: local paths, `http(s)://`, `pipe:CMD`, and every fsspec filesystem (`s3://`, `gs://`, ...).
 
-A shard holds files named <key>.<ext>; consecutive files with the same key form one sample (jpg/jpeg/png/
-webp image, txt caption, optional cls integer label). Read with Python's tarfile rather than the
-`webdataset` package because the behaviour we need is small and must be exact: which rank/worker reads
-what (decided at iteration time), an equal number of samples per rank when asked (otherwise DDP ranks
-that run out early hang the others), corrupt images yielded as None so collate_samples counts them, and
-a truncated shard ending with a warning while the next shard goes on. The package's defaults for these
-changed across its 0.2 / 1.x releases, so we would be pinning and overriding most of it anyway.
+A shard holds files named <key>.<ext>; consecutive files with the same key form one sample (jpg/jpeg/png/webp
+image, txt caption, optional cls integer label). The library opens, untars and groups the shards (its tar
+iterator, key grouping and shuffle buffer); this file decides only what the library leaves to its user:
 
-Splitting: with at least as many shards as consumers (ranks x workers), each consumer reads whole
-shards (shards[rank::world][worker::workers]); with fewer, every consumer reads every shard and keeps
-every C-th sample, so small datasets still split exactly.
+- Opening: `pipe:` and local paths go to the library's own opener (`webdataset.gopen`); every other scheme fsspec
+  knows goes through fsspec with the user's credentials (s3fs / gcsfs read the usual AWS / gcloud settings;
+  `storage_options` are passed on). The library's http opener shells out to curl, which retries for a minute
+  before failing and is absent on slim images; fsspec's aiohttp client comes with Lightning.
+- Splitting: with at least as many shards as consumers (ranks x workers), each consumer reads whole shards
+  (shards[rank::world][worker::workers]); with fewer, every consumer reads every shard and keeps every C-th
+  sample, so a single validation shard still splits exactly. Rank and world are read when iteration starts.
+- Equal batches (train): with samples_per_epoch, every rank yields exactly (samples_per_epoch // world //
+  batch_size) full batches per epoch, cycling over its shards as needed; each DataLoader worker makes whole
+  batches. An unreadable sample (corrupt image, no caption) is replaced by the next readable one of the stream and
+  counted on the sample that replaced it ("skipped"), so no rank ever gets a short batch. Val yields None for it
+  (collate_samples drops and counts it): val scores what it can read, once.
+- Epochs: `set_epoch` (the datamodule calls it each time an epoch's iteration starts; Lightning only does so for
+  samplers) writes into shared memory, so persistent DataLoader workers see it too. Without set_epoch, each
+  __iter__ is the next epoch. The shard order of a pass and each consumer's shuffle buffer are seeded by
+  (seed, epoch, pass[, rank, worker]) alone.
+- Resume: set_epoch(epoch, resume_batches=k) continues an epoch after its first k batches: each worker skips the
+  raw samples of the batches it had made (cheap: no decoding) and worker w takes over the batches of worker
+  (w + k) % workers, so the rest of the epoch comes in the uninterrupted run's order. Exact unless the skipped
+  part held unreadable samples: then as many samples are seen twice.
+- Broken shards: a shard that is truncated, corrupt or unreachable mid-run ends with a warning and the next shard
+  goes on (a cut that falls exactly between two members is not detectable in a stream and reads as a shorter
+  shard). At build time a missing local shard, or a remote first shard that cannot be opened, is a DataError.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from braceexpand import braceexpand
 from PIL import Image
+from webdataset import filters as wds_filters
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from tokzoo import distributed
 from tokzoo.data.common import (
@@ -35,19 +55,14 @@ from tokzoo.data.common import (
     check_split,
     check_templates,
     load_image,
-    log,
     warn_once,
 )
+from tokzoo.data.shards import EndOfArchiveCheck, check_shards, expand_urls, open_url, warn_and_go_on, warn_shard
 from tokzoo.data.transforms import Augment, active
 from tokzoo.errors import ConfigError, DataError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """Shard paths from a brace pattern ("shards/{00000..00009}.tar") or a list of paths / patterns."""
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    return [str(Path(u).expanduser()) for pattern in patterns for u in braceexpand(str(pattern))]
+MAX_UNREADABLE_IN_A_ROW = 1000  # then the data, not one file, is broken: stop instead of cycling forever
 
 
 def rank_world(parent: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -71,109 +86,68 @@ def worker_id_count() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bz2, xz, zstd
-
-
-def _missing_end_marker(path: str) -> bool:
-    """True if an uncompressed tar lacks its trailing zero blocks, i.e. was cut short.
-
-    Needed because tarfile ends quietly when a file is cut at a header boundary; it only raises when the
-    cut falls inside a member's data. Compressed shards raise on truncation by themselves (EOFError).
-    """
-    with open(path, "rb") as f:
-        if f.read(6).startswith(_COMPRESSED_MAGIC):
-            return False
-        size = f.seek(0, os.SEEK_END)
-        if size < 1024 or size % 512:
-            return True
-        f.seek(size - 1024)
-        return f.read(1024) != bytes(1024)
-
-
-def read_shard(path: str) -> Iterator[dict[str, bytes | str]]:
-    """Yield {"__key__": key, ext: bytes, ...} per sample of one tar. A truncated or corrupt shard stops with
-    a warning; its last, possibly incomplete, sample is dropped and the caller goes on to the next shard."""
-    key, sample, count = None, {}, 0
-    try:
-        truncated = _missing_end_marker(path)
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                folder, base = os.path.split(member.name)
-                if not member.isfile() or base.startswith(".") or "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                if os.path.join(folder, stem) != key:
-                    if sample:
-                        yield sample
-                        count += 1
-                    key = os.path.join(folder, stem)
-                    sample = {"__key__": key}
-                sample[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        log.warning(
-            "shard %s is corrupt or truncated after %d samples (%s); going on with the next shard",
-            path,
-            count,
-            exn,
-        )
-        return
-    if truncated:
-        log.warning(
-            "shard %s is truncated (no end-of-archive blocks) after %d samples; going on with the next shard",
-            path,
-            count,
-        )
-        return
-    if sample:
-        yield sample
-
-
 class WebDatasetShards(torch.utils.data.IterableDataset):
     """Streams samples from tar shards; splits itself across DDP ranks and DataLoader workers.
 
-    samples_per_epoch (train only): every rank yields exactly samples_per_epoch // world_size items per epoch
-    (cycling over its shards as needed), so DDP ranks stay in step; else (and for val) one pass.
-    augment (train only): a sample's draws come from (seed, epoch, pass, shard, key), whichever worker decodes it.
+    samples_per_epoch (train only): every rank yields exactly len(self) items per epoch (whole batches of
+    set_batch_size's size), cycling over its shards as needed, so DDP ranks stay in step; else (and for val) one
+    pass. augment (train only): a sample's draws come from (seed, epoch, pass, shard, key), whichever worker
+    decodes it.
     """
 
     def __init__(
         self,
         shards: list[str],
         image_size: int,
-        shuffle: bool,
+        train: bool,
         samples_per_epoch: int | None,
         shuffle_buffer: int,
         seed: int,
         class_names: list[str] | None,
         prompt_templates: list[str],
         augment: Augment | None = None,
+        storage_options: dict | None = None,
     ):
         self.shards = shards
         self.image_size = image_size
-        self.shuffle = shuffle
+        self.shuffle = self.train = train
         self.samples_per_epoch = samples_per_epoch
-        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.shuffle_buffer = shuffle_buffer if train else 0
         self.seed = seed
         self.class_names = class_names
         self.prompt_templates = prompt_templates
         self.augment = augment
-        self.epoch = 0  # advanced by each __iter__ (persistent workers keep their own copy in step)
+        self.storage_options = dict(storage_options or {})
+        self.batch_size = 1
+        # [epoch, resume_batches, generation]: shared with persistent workers; generation counts set_epoch calls
+        self._state = torch.zeros(3, dtype=torch.long).share_memory_()
+        self._seen_generation, self._iters_since = 0, 0  # this process's own: epochs advance per __iter__
         self._parent_rank_world: tuple[int, int] | None = None
 
     def __getstate__(self) -> dict:
         # pickled in the main process when DataLoader workers are spawned: carry its rank along
         return {**self.__dict__, "_parent_rank_world": rank_world()}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, resume_batches: int = 0) -> None:
+        """The epoch the next __iter__ streams, from its batch `resume_batches` on (0: from its start)."""
+        self._state[0], self._state[1] = epoch, resume_batches
+        self._state[2] += 1
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """The DataLoader's batch size: each worker then yields whole batches, so every rank's epoch is exactly
+        len(self) // batch_size full batches, whatever the number of workers."""
+        self.batch_size = max(1, int(batch_size))
+
+    def _batches_per_rank(self, world: int) -> int:
+        return self.samples_per_epoch // world // self.batch_size
 
     def __len__(self) -> int:
         if self.samples_per_epoch is None:
             raise TypeError("webdataset without samples_per_epoch has no length")
-        return self.samples_per_epoch // rank_world(self._parent_rank_world)[1]
+        return self._batches_per_rank(rank_world(self._parent_rank_world)[1]) * self.batch_size
 
-    def decode(self, raw: dict[str, bytes | str], shard: str, epoch: int = 0, rnd: int = 0) -> Sample | None:
+    def decode(self, raw: dict[str, Any], epoch: int = 0) -> Sample | None:
+        shard, rnd = str(raw.get("__url__", "?")), int(raw.get("__pass__", 0))
         where = f"{shard}:{raw['__key__']}"
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
@@ -198,72 +172,102 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             return None
         return {"image": image, "caption": caption, "label": label}
 
-    def _pass(self, rank: int, world: int, wid: int, nw: int, epoch: int, rnd: int) -> Iterator[Sample | None]:
-        """One pass over this (rank, worker)'s share of the shards."""
+    def _read(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """The library's tar reading over our opener: raw samples {"__key__", "__url__", ext: bytes, ...}."""
+
+        def opened() -> Iterator[dict[str, Any]]:
+            for url in urls:
+                try:
+                    stream = EndOfArchiveCheck(open_url(url, self.storage_options))
+                except Exception as exn:
+                    warn_shard(url, exn)
+                    continue
+                try:
+                    yield {"url": url, "stream": stream}
+                finally:  # the expander asked for the next shard: this one is done
+                    stream.close()
+
+        return group_by_keys(tar_file_expander(opened(), handler=warn_and_go_on), handler=warn_and_go_on)
+
+    def _pass(self, rank: int, world: int, role: int, nw: int, epoch: int, rnd: int) -> Iterator[dict[str, Any]]:
+        """One pass over consumer (rank, role)'s share of the shards, as raw samples tagged with the pass."""
         shards = list(self.shards)
         if self.shuffle:  # the same order on every rank and worker: seeded by (seed, epoch, pass) only
             random.Random(f"{self.seed}/{epoch}/{rnd}").shuffle(shards)
-        consumer, consumers = rank * nw + wid, world * nw
+        consumer, consumers = rank * nw + role, world * nw
         if len(shards) >= consumers:
-            for shard in shards[rank::world][wid::nw]:
-                for raw in read_shard(shard):
-                    yield self.decode(raw, shard, epoch, rnd)
-            return
-        index = 0
-        for shard in shards:
-            for raw in read_shard(shard):
-                if index % consumers == consumer:  # decode only our share
-                    yield self.decode(raw, shard, epoch, rnd)
-                index += 1
+            raws: Iterator[dict[str, Any]] = self._read(shards[rank::world][role::nw])
+        else:  # fewer shards than consumers: read all, keep every C-th sample
+            raws = (raw for i, raw in enumerate(self._read(shards)) if i % consumers == consumer)
+        for raw in raws:
+            raw["__pass__"] = rnd
+            yield raw
+
+    def _cycle(self, rank: int, world: int, role: int, nw: int, epoch: int) -> Iterator[dict[str, Any]]:
+        """Pass after (reshuffled) pass over the consumer's shards, for as long as the caller takes."""
+        for rnd in itertools.count():
+            produced = 0
+            for raw in self._pass(rank, world, role, nw, epoch, rnd):
+                produced += 1
+                yield raw
+            if produced == 0:
+                raise DataError(
+                    f"webdataset shards gave no samples to rank {rank} worker {role}: {self.shards[:5]}; check that "
+                    "they are tar files of <key>.jpg/.txt samples and readable from every node"
+                )
+
+    def _epoch(self) -> tuple[int, int]:
+        """(epoch, resume_batches) of this __iter__: set_epoch's, or the next epoch of this process's copy."""
+        epoch, resume, generation = (int(v) for v in self._state.tolist())
+        if generation != self._seen_generation:
+            self._seen_generation, self._iters_since = generation, 0
+        elif self._iters_since:
+            resume = 0  # a resume point applies to the first pass over its epoch only
+        epoch += self._iters_since
+        self._iters_since += 1
+        return epoch, resume
 
     def __iter__(self) -> Iterator[Sample | None]:
         rank, world = rank_world(self._parent_rank_world)
         wid, nw = worker_id_count()
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        if self.samples_per_epoch is None:
-            if world > 1 and self.shuffle and rank == 0 and wid == 0:
-                warn_once(
-                    "wds-uneven",
-                    "webdataset training under DDP without samples_per_epoch: ranks may get different "
-                    "numbers of samples and hang at the end of an epoch; set samples_per_epoch",
-                )
-            items = self._pass(rank, world, wid, nw, epoch, 0)
+        epoch, resume = self._epoch()
+        role, take, skip = wid, None, 0  # role: whose share of the shards and batches this worker makes
+        if self.samples_per_epoch is None:  # one pass (val; or train in a single process)
+            if world > 1 and self.train and rank == 0 and wid == 0:
+                warn_once("wds-uneven", "webdataset training under DDP without samples_per_epoch: set it")
+            raws = self._pass(rank, world, role, nw, epoch, 0)
         else:
-            per_rank = self.samples_per_epoch // world
-            items = self._cycle(rank, world, wid, nw, epoch, quota=per_rank // nw + (wid < per_rank % nw))
-        rng = random.Random(f"{self.seed}/{epoch}/{rank}/{wid}")
-        yield from _shuffled(items, self.shuffle_buffer, rng)
+            # after a resume at batch k, worker w makes the batches worker (w + k) % nw made in the uninterrupted run
+            role = (wid + resume) % nw
+            batches = self._batches_per_rank(world)
+            mine = batches // nw + (role < batches % nw)  # this role's batches in the epoch (round-robin)
+            done = min(mine, resume // nw + (role < resume % nw))  # of them, made before the resume
+            raws, take, skip = self._cycle(rank, world, role, nw, epoch), mine - done, done
+            take, skip = take * self.batch_size, skip * self.batch_size
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}/{epoch}/{rank}/{role}")
+            raws = wds_filters.shuffle(bufsize=self.shuffle_buffer, rng=rng)(iter(raws))
+        raws = itertools.islice(raws, skip, None)  # already trained on (raw samples: nothing decoded)
+        yield from itertools.islice(self._decoded(raws, epoch), take)
 
-    def _cycle(self, rank: int, world: int, wid: int, nw: int, epoch: int, quota: int) -> Iterator[Sample | None]:
-        """Exactly `quota` items, starting new (reshuffled) passes over the shards as needed."""
-        produced, rnd = 0, 0
-        while produced < quota:
-            before = produced
-            for item in self._pass(rank, world, wid, nw, epoch, rnd):
-                yield item
-                produced += 1
-                if produced >= quota:
-                    return
-            if produced == before:
-                raise DataError(f"webdataset shards gave no samples to rank {rank} worker {wid}: {self.shards}")
-            rnd += 1
-
-
-def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Approximate shuffle of a stream with a buffer of `size` items (0 = keep the order)."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        buf[j], item = item, buf[j]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
+    def _decoded(self, raws: Iterator[dict[str, Any]], epoch: int) -> Iterator[Sample | None]:
+        """Decoded samples. Train: an unreadable one is replaced by the next readable one, which carries the count
+        in "skipped" (batches stay full); val: it is None (dropped and counted by collate_samples)."""
+        unreadable = 0
+        for raw in raws:
+            sample = self.decode(raw, epoch)
+            if not self.train:
+                yield sample
+            elif sample is None:
+                unreadable += 1
+                if unreadable >= MAX_UNREADABLE_IN_A_ROW:
+                    raise DataError(
+                        f"webdataset: {unreadable} unreadable samples in a row (last in {raw.get('__url__')}); "
+                        "check the shards (images that decode, a .txt caption or a .cls label with class_names)"
+                    )
+            else:
+                yield {**sample, "skipped": unreadable} if unreadable else sample
+                unreadable = 0
 
 
 def _example(folder: Path) -> dict:
@@ -295,17 +299,23 @@ def webdataset(
     class_names: list[str] | None = None,
     prompt_templates: list[str] | None = None,
     augment: Augment | None = None,
+    storage_options: dict | None = None,
 ) -> WebDatasetShards:
-    """Tar shards of jpg+txt[+cls] (local paths; brace patterns like "data/{00000..00099}.tar" allowed).
+    """Tar shards of jpg+txt[+cls] from local paths or URLs (http(s)://, pipe:CMD, s3://, gs://, any fsspec
+    scheme); brace patterns like "s3://bucket/{00000..00099}.tar" allowed.
 
     val: `val_urls` if given, else the last shard of `urls` is held out (train then uses the others).
+    samples_per_epoch: the train epoch's length over all ranks (required for DDP training).
     augment: the train split's (data.augment; the val split is always resized and center-cropped).
+    storage_options: keyword arguments for fsspec's filesystem (e.g. {"anon": true} for a public bucket).
     """
     check_split(split)
     check_image_size(image_size)
     templates = check_templates(prompt_templates, PHOTO_TEMPLATES)
-    if samples_per_epoch is not None and samples_per_epoch < 1:
+    if samples_per_epoch is not None and (isinstance(samples_per_epoch, bool) or samples_per_epoch < 1):
         raise ConfigError(f"data.kwargs.samples_per_epoch must be a positive integer or null, got {samples_per_epoch}")
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise ConfigError(f"data.kwargs.storage_options must be a mapping or null, got {storage_options!r}")
     shards = expand_urls(urls)
     if not shards:
         raise DataError(f"webdataset urls {urls!r} expand to no shards")
@@ -318,11 +328,7 @@ def webdataset(
         )
     else:
         shards = shards[-1:] if split == "val" else shards[:-1]
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        raise DataError(
-            f"webdataset shard(s) not found: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
-        )
+    check_shards(shards, storage_options)
     train = split == "train"
     return WebDatasetShards(
         shards,
@@ -334,4 +340,5 @@ def webdataset(
         class_names,
         templates,
         augment if train else None,
+        storage_options,
     )

@@ -3,46 +3,91 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import sys
 import time
+import uuid
+from pathlib import Path
 from typing import Any, TextIO
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from tokzoo.errors import ConfigError
 
-class ImagesPerSecond(L.Callback):
-    """perf/images_per_sec over training batches, skipping the first `warmup` (allocator, lazy init).
 
-    Measures wall time between batch starts and ends on rank 0 and multiplies by the world size (every rank
-    processes the same batch size). Logged at the end of training; `value` keeps it for the summary table.
-    """
+class ImagesPerSecond(ThroughputMonitor):
+    """perf/images_per_sec from Lightning's ThroughputMonitor: wall time between batch ends (data wait included,
+    CUDA synchronised), over a window of the last min(100, max_steps - 1) steps, so the first step (allocator, lazy
+    init) falls outside it. Lightning logs its train/* and validate/* throughput figures on the way; this logs the
+    global images/s once at the end of training and keeps it in `value` for the summary table."""
 
-    def __init__(self, warmup: int = 5):
-        self.warmup = warmup
-        self.seen = 0
-        self.images = 0
-        self.seconds = 0.0
-        self._start = 0.0
+    def __init__(self) -> None:
+        super().__init__(batch_size_fn=lambda batch: batch["image"].shape[0])
         self.value: float | None = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.kwargs["window_size"] = max(2, min(100, trainer.max_steps - 1)) if trainer.max_steps > 0 else 100
+        super().setup(trainer, pl_module, stage)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seen += 1
-        # a run shorter than the warmup still measures its last batch (else the metric would silently vanish)
-        if self.seen > min(self.warmup, trainer.max_steps - 1 if trainer.max_steps > 0 else self.warmup):
-            self.seconds += time.perf_counter() - self._start
-            self.images += batch["image"].shape[0] * trainer.world_size
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.seconds > 0:
-            self.value = self.images / self.seconds
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        logged = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("train/")}
+        per_device = logged.get("train/device/samples_per_sec")
+        if per_device is None and logged.get("train/time", 0) > 0:  # too few steps for a full window
+            per_device = logged["train/samples"] / logged["train/time"]
+        if per_device is not None:
+            self.value = per_device * trainer.world_size  # every rank trains the same batch size
             for logger in trainer.loggers:
                 logger.log_metrics({"perf/images_per_sec": self.value}, step=trainer.global_step)
+
+
+class SharedOutputDir(L.Callback):
+    """Stops every rank with one message when the variant folder is not the same folder on every node.
+
+    Rank 0 writes a marker file there and every rank looks for it: checkpoints are written by rank 0 alone and read
+    back by all ranks on resume, so a node-local output_dir would resume nodes from different states."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size <= 1:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / f".tokzoo-shared-{trainer.strategy.broadcast(uuid.uuid4().hex)}"
+        if trainer.is_global_zero:
+            marker.write_text(socket.gethostname())
+        trainer.strategy.barrier("tokzoo-shared-output-dir")
+        seen = marker_visible(marker)
+        hosts = [None] * trainer.world_size
+        torch.distributed.all_gather_object(hosts, (socket.gethostname(), seen))
+        trainer.strategy.barrier("tokzoo-shared-output-dir-read")
+        if trainer.is_global_zero:
+            marker.unlink(missing_ok=True)
+        blind = [f"rank {rank} on {host}" for rank, (host, ok) in enumerate(hosts) if not ok]
+        if blind:
+            raise ConfigError(
+                f"output_dir is not shared by all nodes: {self.folder} as seen by {', '.join(blind)} does not show "
+                f"the file rank 0 wrote on {hosts[0][0]}; set output_dir to a folder every node mounts"
+            )
+
+
+def marker_visible(marker: Path, wait_s: float = 5.0) -> bool:
+    """Looks for the file for a few seconds: a network filesystem may cache "no such file" briefly."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if marker.name in os.listdir(marker.parent):  # a directory read, not a cached lookup of the name
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 def clock(seconds: float) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tokzoo.catalogue import absent_metrics
-from tokzoo.distributed import gather_rows
+from tokzoo.distributed import all_reduce_sum, gather_rows, world_size
 from tokzoo.errors import NonFiniteLossError
 from tokzoo.lit.param_groups import freeze_parts, lr_multipliers, parameter_groups
 from tokzoo.losses.contrastive import caption_ids
@@ -38,7 +38,30 @@ def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def gather_chunks(chunks: list[Tensor]) -> Tensor | None:
+    """torch.cat(chunks) of every rank, in rank order; None when no rank holds any. Every rank must call it, also
+    one with no chunks (DDP validation without padding can leave a rank without batches): it learns the rows'
+    shape and dtype from the others and sends none."""
+    local = torch.cat(chunks) if chunks else None
+    if world_size() <= 1:
+        return local
+    import torch.distributed as dist
+
+    metas: list[Any] = [None] * world_size()
+    dist.all_gather_object(metas, None if local is None else (tuple(local.shape[1:]), local.dtype, str(local.device)))
+    meta = next((m for m in metas if m is not None), None)
+    if meta is None:
+        return None
+    if local is None:
+        shape, dtype, _ = meta
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        local = torch.zeros((0, *shape), dtype=dtype, device=device)
+    return gather_rows(local)
+
+
 class TokenizerModule(L.LightningModule):
+    flops_per_batch = None  # Lightning's ThroughputMonitor asks for it; FLOPs are counted by the benchmarks instead
+
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.save_hyperparameters({"config": config})
@@ -76,6 +99,8 @@ class TokenizerModule(L.LightningModule):
         self.prompt_templates: list[str] = ["a photo of a {}."]
         self.grid_path: Path | None = None  # where validation writes originals vs reconstructions
         self._val: dict[str, list[Tensor]] = {}
+        self._val_images = 0  # images this rank scored in the current validation epoch
+        self.skipped_samples = 0  # unreadable train samples replaced so far, all ranks (train/skipped_samples)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -89,14 +114,14 @@ class TokenizerModule(L.LightningModule):
         time. terms["loss"] is the total; the other terms are logged separately."""
         images = batch["image"]
         captions = batch["caption"] if self.model.text_tower is not None else None
-        out = self.model(images, captions)
+        out = self.model(images, captions, recon_rows=self.objective.recon_rows(images.shape[0]))
         ids = caption_ids(captions, images.device) if captions is not None else None  # duplicates: contrastive
         return out, self.objective(out, images, step, caption_ids=ids)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # Train batches are always full (the data layer replaces unreadable samples), so every rank runs every
+        # step and its collectives; there is no "skip this step" path that one rank could take alone.
         images = batch["image"]
-        if images.shape[0] == 0:
-            return None  # every sample of this batch was unreadable (counted by the data layer): skip the step
         out, terms = self.loss_terms(batch, self.global_step)
         loss = terms["loss"]
         self._check_finite(loss, terms)
@@ -114,11 +139,26 @@ class TokenizerModule(L.LightningModule):
         stats = out.quant.stats
         if stats and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log_dict({f"train/{k}": v for k, v in stats.items() if "/" not in k}, batch_size=bsz)
-        if batch.get("skipped"):
-            self.log("train/skipped_samples", float(batch["skipped"]), reduce_fx="sum", batch_size=bsz)
+        self._count_skipped(int(batch.get("skipped", 0)))
         if self.model.logit_scale is not None:
             self.log("train/logit_scale", self.model.logit_scale_value().detach(), batch_size=bsz)
         return loss
+
+    def _count_skipped(self, skipped: int) -> None:
+        """train/skipped_samples: unreadable samples replaced so far in the run, summed over ranks. Logged every
+        step, on every rank (a collective-safe reduction), and cumulative, so the run's last value is the total
+        whichever steps the logger keeps; saved in checkpoints, so a resumed run counts on."""
+        count = torch.tensor(float(skipped), device=self.device)
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        self.skipped_samples += int(count.item())
+        self.log("train/skipped_samples", float(self.skipped_samples), batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokzoo_skipped_samples"] = self.skipped_samples
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_samples = int(checkpoint.get("tokzoo_skipped_samples", 0))
 
     def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         """Stop before a NaN/Inf loss reaches the weights (and the next checkpoint); all ranks decide together."""
@@ -136,6 +176,7 @@ class TokenizerModule(L.LightningModule):
     # ---- validation ------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val = {"image_emb": [], "text_emb": [], "caption_ids": [], "codes": [], "labels": []}
+        self._val_images = 0
         if self.fidelity is not None:
             self.fidelity.reset()
         if self.codebook_usage is not None:
@@ -144,7 +185,12 @@ class TokenizerModule(L.LightningModule):
             self.tokens.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # No collective in here: under DDP the ranks may hold different numbers of val batches (ValSplitSampler
+        # does not pad), so everything cross-rank happens once, in on_validation_epoch_end.
         images = batch["image"]
+        if images.shape[0] == 0:
+            return  # every sample of this val batch was unreadable (counted by collate_samples)
+        self._val_images += images.shape[0]
         out = self.model(images, batch["caption"] if self.config["eval"]["retrieval"] else None)
         if out.recon is not None:
             self.fidelity.update(out.recon, images)
@@ -172,23 +218,24 @@ class TokenizerModule(L.LightningModule):
             metrics["bits_per_token"] = self.model.quantizer.bits_per_token
         if self.tokens is not None:
             metrics.update(self.tokens.compute())
-        if self._val["text_emb"]:
+        # Gathered on every rank whether or not it holds rows: a rank with no val batch must still take part.
+        gathered = {key: gather_chunks(chunks) for key, chunks in self._val.items()}
+        if gathered["text_emb"] is not None:
             metrics["retrieval_r1"] = retrieval_recall_at_1(
-                gather_rows(torch.cat(self._val["image_emb"])),
-                gather_rows(torch.cat(self._val["text_emb"])),
-                gather_rows(torch.cat(self._val["caption_ids"])),
+                gathered["image_emb"], gathered["text_emb"], gathered["caption_ids"]
             )
-        labels = gather_rows(torch.cat(self._val["labels"])) if self._val["labels"] else None
+        labels = gathered["labels"]
         if labels is not None and bool((labels >= 0).all()) and labels.numel() >= 4:
             cfg = self.config["eval"]
             if cfg["linear_probe"]:
-                metrics["linprobe_acc"] = self._linear_probe(gather_rows(torch.cat(self._val["codes"])), labels)
-            if cfg["zero_shot"] and self._val["image_emb"] and self.class_names:
-                image_emb = gather_rows(torch.cat(self._val["image_emb"]))
-                metrics["zeroshot_acc"] = zero_shot_accuracy(image_emb, labels, self._class_embeddings())
+                metrics["linprobe_acc"] = self._linear_probe(gathered["codes"], labels)
+            if cfg["zero_shot"] and gathered["image_emb"] is not None and self.class_names:
+                metrics["zeroshot_acc"] = zero_shot_accuracy(gathered["image_emb"], labels, self._class_embeddings())
         else:
             for key in ("linprobe_acc", "zeroshot_acc"):
                 self.absent.setdefault(f"val/{key}", "the validation data has no class labels")
+        # the images scored, over all ranks: exactly the validation set (no sampler padding), less unreadable ones
+        metrics["num_images"] = float(all_reduce_sum(torch.tensor(self._val_images, device=self.device)))
         # Every rank computed the same global values (gathered above), so no further reduction is needed.
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}, sync_dist=False)
 

@@ -34,8 +34,9 @@ class ContrastiveLoss(nn.Module):
 
     Each rank scores its own B rows against all world * B columns (labels offset by rank * B), so the mean
     of the per-rank losses equals the loss of the concatenated batch, and DDP's gradient averaging then
-    yields the gradient of that global loss. Every rank must pass the same batch size (drop_last / equal
-    shards).
+    yields the gradient of that global loss. Every rank must pass the same batch size: the train loaders
+    guarantee it (drop_last, equal per-rank epochs, unreadable samples replaced rather than dropped: tokzoo.data),
+    and training_step has no path that skips a step on one rank alone.
 
     targets: one-hot on the row's own pair, or, given `positives` (caption_matches), uniform over every column
     whose caption equals the row's (multi-positive InfoNCE), in both directions: the match is symmetric.

@@ -6,10 +6,13 @@
 The discriminator shares the single optimizer: the generator's GAN term is computed through a *detached copy*
 of the discriminator's parameters and the discriminator's hinge loss on detached reconstructions, so each term
 only reaches the parameters it should, with one backward and DDP-friendly (every parameter used every step).
+With loss.recon_batch_fraction f < 1 the recon terms see the first ceil(f * B) images of the batch (the model
+decodes only those), the quantizer and contrastive terms all B.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -54,10 +57,18 @@ class TokenizerObjective(nn.Module):
                 self.perceptual = PerceptualLoss()
             else:
                 self.absent["loss_lpips"] = reason
+        self.recon_fraction = float(loss_cfg.get("recon_batch_fraction", 1.0))  # (0, 1]: checked by config
         self.discriminator = PatchDiscriminator() if self.use_recon and loss_cfg["gan_weight"] > 0 else None
         self.gan_start_step = int(loss_cfg["gan_start"] * max_steps)
 
+    def recon_rows(self, batch_size: int) -> int | None:
+        """How many images of a training batch the decoder sees (None: all of them)."""
+        if not self.use_recon or self.recon_fraction >= 1:
+            return None
+        return max(1, math.ceil(self.recon_fraction * batch_size))
+
     def reconstruction_terms(self, out: ModelOutput, images: Tensor, step: int) -> dict[str, Tensor]:
+        images = images[: out.recon.shape[0]]  # the decoded sub-batch (loss.recon_batch_fraction)
         terms = {"loss_pixel": self.pixel(out.recon, images)}
         nll = terms["loss_pixel"]
         if self.perceptual is not None:

@@ -2,8 +2,10 @@
 
 Conventions: images arrive in [-1, 1]; both sides are clamped to [-1, 1] and mapped to [0, 1] for PSNR/SSIM
 (data_range=1.0, which gives the same numbers as data_range=2.0 on [-1, 1]). PSNR is computed per image and
-averaged (so one exact reconstruction makes it inf). LPIPS gets the clamped [-1, 1] images; rFID gets
-[0, 1] images (normalize=True: torchmetrics converts them to uint8; the Inception resizes to 299).
+averaged (so one exact reconstruction makes it inf), in a MeanMetric: PeakSignalNoiseRatio(dim=...) keeps list
+states that fail to sync when a DDP rank scored no image (unpadded validation can leave one without a batch).
+LPIPS gets the clamped [-1, 1] images; rFID gets [0, 1] images (normalize=True: torchmetrics converts them to
+uint8; the Inception resizes to 299).
 A metric whose weights are missing is not computed and not reported: ``absent`` says why.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics import MeanMetric
+from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from tokzoo.distributed import all_reduce_sum
 from tokzoo.weights import exclude_from_checkpoint, hub_weights, require_weights, weights_available
@@ -27,7 +31,7 @@ class FidelityMetrics(nn.Module):
 
     def __init__(self, lpips: bool = True, rfid: bool = True):
         super().__init__()
-        self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+        self.psnr = MeanMetric()  # of per-image PSNRs
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.lpips: nn.Module | None = None
         self.rfid: nn.Module | None = None
@@ -63,7 +67,8 @@ class FidelityMetrics(nn.Module):
         recon = recon.detach().float().clamp(-1.0, 1.0)
         target = target.detach().float().clamp(-1.0, 1.0)
         recon01, target01 = (recon + 1.0) / 2.0, (target + 1.0) / 2.0
-        self.psnr.update(recon01, target01)
+        per_image = peak_signal_noise_ratio(recon01, target01, data_range=1.0, reduction="none", dim=(1, 2, 3))
+        self.psnr.update(per_image)
         self.ssim.update(recon01, target01)
         if self.lpips is not None:
             self.lpips.update(recon, target)

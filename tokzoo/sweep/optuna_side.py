@@ -1,11 +1,9 @@
 """Everything the sweep and its trial processes ask of Optuna: the one storage opener and the one pruner map (both
-sides use them, so a storage or pruner that works for the sweep works for its trials), samplers, re-queueing,
-owner liveness, stale trials and the budget count."""
+sides use them, so a storage or pruner that works for the sweep works for its trials), samplers, re-queueing and
+the budget count. Owners, heartbeats and stale trials: liveness."""
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -16,19 +14,20 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tokzoo.errors import ConfigError
+from tokzoo.sweep.liveness import BEAT_ATTR, OWNER_ATTR
 from tokzoo.sweep.spec import PRUNER_CLASSES, SweepSpec
 
 OBJECTIVES_ATTR = "tokzoo.objectives"  # study user attr: the metric each objective actually uses, and why
-OWNER_ATTR = "tokzoo.owner"  # trial system attr: host:pid:start-time of the sweep process running it
-BEAT_ATTR = "tokzoo.heartbeat"  # trial system attr (journal storages): last time the owner was alive
 SURPLUS = "surplus: the budget was used up by another worker"  # fail reason of a trial that never ran
 
 
 def open_storage(
-    url: str, heartbeat_interval: int = 10, grace_period: int = 60, retries: int = 2
+    url: str, heartbeat_interval: int | None = 10, grace_period: int = 60, retries: int = 2
 ) -> optuna.storages.BaseStorage:
-    """A journal file (a path), a journal in Redis (redis://...) or an RDB (any other URL, with Optuna's heartbeat:
-    a trial whose sweep process stops beating is failed and re-queued up to `retries` times)."""
+    """A journal file (a path), a journal in Redis (redis://...), Optuna's gRPC storage proxy (grpc://HOST:PORT)
+    or an RDB (any other URL). An RDB gets Optuna's heartbeat (unless heartbeat_interval is None, as on the trial
+    side, which never judges other trials): a trial whose sweep process stops beating for grace_period seconds is
+    failed and re-queued up to `retries` times. The others have tokzoo's heartbeat (liveness)."""
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -41,15 +40,45 @@ def open_storage(
                 from optuna.storages.journal import JournalRedisBackend, JournalStorage
 
                 return JournalStorage(JournalRedisBackend(url))
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=Requeue(retries),
-            )
-        except Exception as err:  # sqlalchemy / driver / missing redis package: one readable message
+            if url.startswith("grpc://"):
+                return _grpc_proxy(url)
+            beat: dict[str, Any] = {}
+            if heartbeat_interval is not None:
+                beat = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+                beat["heartbeat_stale_trial_callback"] = Requeue(retries)
+            return _rdb(url, beat)
+        except ConfigError:
+            raise
+        except Exception as err:  # sqlalchemy / driver / missing redis or grpcio package: one readable message
             raise ConfigError(f"cannot open Optuna storage {url}: {type(err).__name__}: {err}") from None
+
+
+def _rdb(url: str, beat: dict[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
+    """RDBStorage, tried again a few times on a database error: sweep processes started together on a new database
+    race to create Optuna's tables, and all but the first see "table already exists"."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beat)
+        except sqlalchemy.exc.DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _grpc_proxy(url: str) -> optuna.storages.BaseStorage:
+    """grpc://HOST:PORT: a client of `optuna.storages.run_grpc_proxy_server` (one server in front of the database,
+    so that hundreds of workers do not each hold database connections)."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    if not where.hostname or where.port is None or where.path not in ("", "/"):
+        raise ConfigError(f"gRPC storage '{url}': give grpc://HOST:PORT (the proxy server's address)")
+    proxy = optuna.storages.GrpcStorageProxy(host=where.hostname, port=where.port)
+    proxy.wait_server_ready(timeout=30)
+    return proxy
 
 
 def make_pruner(pruner: dict[str, Any], multi_objective: bool = False) -> optuna.pruners.BasePruner:
@@ -120,80 +149,6 @@ class Requeue:
                 user_attrs=user, system_attrs=system,
             )
         )  # fmt: skip
-
-
-def process_identity(pid: int | None = None) -> str:
-    """host:pid:start-time, so that a recycled pid is not mistaken for the process that owned a trial."""
-    pid = pid or os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
-
-
-def _start_time(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
-def owner_alive(owner: str) -> bool | None:
-    """True/False for a process of this host; None (unknown) for another host."""
-    host, _, rest = owner.partition(":")
-    if host != socket.gethostname():
-        return None
-    pid_s, _, start = rest.partition(":")
-    try:
-        pid = int(pid_s)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return _start_time(pid) == start
-
-
-def record_beat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
-    """The owner is alive: Optuna's own heartbeat on an RDB, our timestamp attr on a journal."""
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    if is_heartbeat_enabled(storage):
-        storage.record_heartbeat(trial_id)
-    else:
-        storage.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
-
-
-def fail_stale(study: optuna.Study, spec: SweepSpec, requeue: Requeue) -> list[int]:
-    """Fail (and re-queue) RUNNING trials whose sweep process is gone; returns their numbers."""
-    storage = study._storage  # storage-level calls: a trial of another process cannot be told through a Trial
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    native = is_heartbeat_enabled(storage)
-    if native:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # RDB heartbeat: fails and calls Requeue
-    failed = []
-    now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.system_attrs.get(OWNER_ATTR)
-        if owner is None or owner == process_identity():
-            continue
-        alive = owner_alive(owner)
-        beat = t.system_attrs.get(BEAT_ATTR)
-        # Another host's trial: on an RDB only Optuna's heartbeat (refreshed by record_beat) judges it; our attr is
-        # written once there, so reading it would fail live trials of other hosts once the grace period passed.
-        old_beat = not native and beat is not None and now - beat > spec.grace_period
-        stale = alive is False or (alive is None and old_beat)
-        if not stale:
-            continue
-        reason = f"stale: its sweep process {owner} is gone (killed or crashed)"
-        try:
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                failed.append(t.number)
-                requeue(study, storage.get_trial(t._trial_id))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another process got there first
-    return failed
 
 
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:

@@ -8,8 +8,9 @@ sweep process reads it and tells the study. Other sweep processes (other termina
 join: the study is the only shared state.
 
 A killed sweep leaves RUNNING trials behind. They are detected as stale (their owning process is gone, or their
-heartbeat is older than the grace period), marked FAIL, and re-queued with the same parameters (Optuna's
-`failed_trial` / `retry_history` system attrs), so re-running the command finishes the budget.
+heartbeat is older than the grace period; see liveness), marked FAIL, and re-queued with the same parameters
+(Optuna's `failed_trial` / `retry_history` system attrs), so re-running the command finishes the budget. A live
+sweep process beats for its trials on a thread of its own for as long as they run.
 """
 
 from __future__ import annotations
@@ -43,22 +44,20 @@ from tokzoo.sweep.launch import (
     uses_gpus,
     write_trial_folder,
 )
+from tokzoo.sweep.liveness import BEAT_ATTR, OWNER_ATTR, Heartbeat, fail_stale, process_identity, record_outcome
 from tokzoo.sweep.optuna_side import (
-    BEAT_ATTR,
     OBJECTIVES_ATTR,
-    OWNER_ATTR,
     SURPLUS,
     Requeue,
     budget_used,
-    fail_stale,
     make_pruner,
     make_sampler,
-    process_identity,
-    record_beat,
     suggest,
 )
 from tokzoo.sweep.report import SweepOutcome, best_trials
 from tokzoo.sweep.spec import SweepSpec, load_sweep, resolve_objectives
+
+PARENT_SETTLE_S = 2.0  # longer than creating an MLflow run takes
 
 
 def parent_run(uri: str, experiment: str, spec: SweepSpec, study: optuna.Study) -> str:
@@ -76,9 +75,17 @@ def parent_run(uri: str, experiment: str, spec: SweepSpec, study: optuna.Study) 
     }
     known = study.user_attrs.get("mlflow_parent_run_id")
     run_id = tracking.open_parent_run(uri, experiment, f"study:{spec.name}", tags, params, run_id=known)
-    if run_id != known:
-        study.set_user_attr("mlflow_parent_run_id", run_id)
-        study.set_user_attr("mlflow_experiment", experiment)
+    if run_id == known:
+        return run_id
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    study.set_user_attr("mlflow_experiment", experiment)
+    # Sweep processes started together (srun on many nodes) each find no parent run and create one; the study attr
+    # keeps the last one written. Read it back once all have written, and take that one: one parent per study.
+    time.sleep(PARENT_SETTLE_S)
+    chosen = study.user_attrs.get("mlflow_parent_run_id", run_id)
+    if chosen != run_id:
+        tracking.close_run(uri, run_id, {}, {"tokzoo.superseded_by": chosen}, "KILLED")
+        run_id = tracking.open_parent_run(uri, experiment, f"study:{spec.name}", tags, params, run_id=chosen)
     return run_id
 
 
@@ -97,10 +104,11 @@ class Sweep:
         self.storage = optuna_side.open_storage(spec.storage, spec.heartbeat_interval, spec.grace_period, spec.retries)
         self.study = self._open_study()
         self.parent_run_id = parent_run(self.uri, self.experiment, spec, self.study)
-        self.free_gpus: list[int] | None = None  # detected at the first trial that may use a GPU (imports torch)
+        self.free_gpus: list[str] | None = None  # detected at the first trial that may use a GPU (imports torch)
         self.n_gpus = 0
         self.interrupted = False
         self.running: dict[int, Running] = {}
+        self.heartbeat = Heartbeat(self.study._storage, spec.heartbeat_interval, log)
         self.root = Path(spec.base["output_dir"]).resolve() / spec.name / "trials"
 
     def _open_study(self) -> optuna.Study:
@@ -169,11 +177,11 @@ class Sweep:
         storage = self.study._storage
         storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.identity)
         storage.set_trial_system_attr(trial._trial_id, BEAT_ATTR, time.time())
+        self.heartbeat.add(trial._trial_id)
         trials = self.study.get_trials(deepcopy=False)
         is_retry = "failed_trial" in storage.get_trial(trial._trial_id).system_attrs  # a copy is already counted
         if not is_retry and budget_used(trials, before=trial.number) >= self.spec.n_trials:  # taken by another worker
-            trial.set_user_attr("fail_reason", SURPLUS)
-            self.study.tell(trial, state=TrialState.FAIL)
+            self._record(trial, TrialState.FAIL, None, {"fail_reason": SURPLUS})
             return
         folder = self.root / f"trial-{trial.number:04d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -193,14 +201,21 @@ class Sweep:
         if gpus:
             self.free_gpus = [g for g in self.free_gpus or [] if g not in gpus]
         proc = launch(folder, env)
-        trial.set_user_attr("folder", str(folder))
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed meanwhile: _collect copes
+            storage.set_trial_user_attr(trial._trial_id, "folder", str(folder))
         self.running[trial.number] = Running(trial, params, folder, proc, gpus, time.time())
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else "CPU"
         self.log(f"trial {trial.number} started on {where}: {_fmt_params(params)}")
 
-    def _finish_failed(self, trial: optuna.Trial, reason: str, folder: Path) -> None:
-        trial.set_user_attr("fail_reason", reason[:2000])
-        self.study.tell(trial, state=TrialState.FAIL)
+    def _record(self, trial: optuna.Trial, state: TrialState, values: list[float] | None, attrs: dict) -> None:
+        """Tell the study (or, where another process failed this trial meanwhile, its re-queued copy)."""
+        self.heartbeat.discard(trial._trial_id)
+        note = record_outcome(self.study, trial._trial_id, state, values, attrs)
+        if note:
+            self.log(f"[yellow]note[/yellow]: {note}")
+
+    def _finish_failed(self, trial: optuna.Trial, reason: str, folder: Path, attrs: dict | None = None) -> None:
+        self._record(trial, TrialState.FAIL, None, {**(attrs or {}), "fail_reason": reason[:2000]})
         self.log(f"[red]trial {trial.number} FAIL[/red]: {reason.splitlines()[0][:300]}  (log: {folder})")
 
     def _collect(self, run: Running) -> None:
@@ -209,10 +224,11 @@ class Sweep:
             self.free_gpus = [*(self.free_gpus or []), *run.gpus]
         trial = run.trial
         result = read_result(run.folder)
+        attrs: dict[str, Any] = {"folder": str(run.folder)}  # the trial's (or its copy's: record_outcome)
         if result.get("run_id"):
-            trial.set_user_attr("mlflow_run_id", result["run_id"])
+            attrs["mlflow_run_id"] = result["run_id"]
         if result.get("metrics"):
-            trial.set_user_attr("metrics", result["metrics"])
+            attrs["metrics"] = result["metrics"]
         if code != 0 or "error" in result:
             if "error" in result:
                 reason = result["error"]
@@ -220,11 +236,11 @@ class Sweep:
                 reason = f"killed by signal {signal.Signals(-code).name}"
             else:
                 reason = f"exit code {code}: {log_tail(run.folder)}"
-            self._finish_failed(trial, reason, run.folder)
+            self._finish_failed(trial, reason, run.folder, attrs)
             self._tag_child(result.get("run_id"), "FAIL", None)
             return
         if result.get("pruned"):
-            self.study.tell(trial, state=TrialState.PRUNED)
+            self._record(trial, TrialState.PRUNED, None, attrs)
             self.log(f"[yellow]trial {trial.number} PRUNED[/yellow] at step {result.get('pruned_step')}")
             self._tag_child(result.get("run_id"), "PRUNED", None)
             return
@@ -236,10 +252,10 @@ class Sweep:
                 missing.append(f"{o['metric']} ({result.get('absent', {}).get(o['metric'], 'not logged')})")
             values.append(v)
         if missing:
-            self._finish_failed(trial, f"objective metric(s) absent: {', '.join(missing)}", run.folder)
+            self._finish_failed(trial, f"objective metric(s) absent: {', '.join(missing)}", run.folder, attrs)
             self._tag_child(result.get("run_id"), "FAIL", None)
             return
-        self.study.tell(trial, values)
+        self._record(trial, TrialState.COMPLETE, values, attrs)
         shown = ", ".join(f"{o['metric']}={v:.4g}" for o, v in zip(self.objectives, values))
         self.log(f"[green]trial {trial.number} COMPLETE[/green] in {time.time() - run.started:.0f} s: {shown}")
         self._tag_child(result.get("run_id"), "COMPLETE", values)
@@ -250,10 +266,6 @@ class Sweep:
         tags = {"optuna.state": state}
         tags.update({f"optuna.objective.{o['metric']}": f"{v:.6g}" for o, v in zip(self.objectives, values or [])})
         tracking.tag_run(self.uri, run_id, tags)
-
-    def _beat(self) -> None:
-        for run in self.running.values():
-            record_beat(self.study._storage, run.trial._trial_id)
 
     def stop_all(self, reason: str) -> None:
         """Interrupted: stop the trial processes, fail their trials and re-queue them for the next run."""
@@ -267,7 +279,8 @@ class Sweep:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(run.proc.pid, signal.SIGKILL)
                 run.proc.wait()
-            with contextlib.suppress(Exception):
+            self.heartbeat.discard(run.trial._trial_id)
+            with contextlib.suppress(Exception):  # another process may have failed (and re-queued) it already
                 run.trial.set_user_attr("fail_reason", reason)
                 frozen = self.study.tell(run.trial, state=TrialState.FAIL)
                 self.requeue(self.study, frozen)
@@ -276,7 +289,7 @@ class Sweep:
     def run(self) -> SweepOutcome:
         for note in self.notes:
             self.log(f"[bold]note[/bold]: {note}")
-        stale = fail_stale(self.study, self.spec, self.requeue)
+        stale = fail_stale(self.study, self.spec.grace_period, self.requeue)
         if stale:
             self.log(f"re-queued stale trial(s) {stale} (their sweep process is gone)")
         used = budget_used(self.study.get_trials(deepcopy=False))
@@ -284,34 +297,36 @@ class Sweep:
             f"study '{self.spec.name}' ({self.spec.storage}): {used}/{self.spec.n_trials} trials used, "
             f"{self.workers} worker(s), MLflow {self.uri} run {self.parent_run_id}"
         )
-        last_beat = last_stale = time.time()
-        try:
-            while True:
-                slots = self.workers - len(self.running)
-                if slots > 0 and self._devices_free() and self._can_start():
-                    self._start()
-                    continue
-                if not self.running:
-                    break
-                for number, run in list(self.running.items()):
-                    if run.proc.poll() is not None:
-                        del self.running[number]
-                        self._collect(run)
-                now = time.time()
-                if now - last_beat > self.spec.heartbeat_interval:
-                    self._beat()
-                    last_beat = now
-                if now - last_stale > self.spec.heartbeat_interval * 3:
-                    fail_stale(self.study, self.spec, self.requeue)
-                    last_stale = now
-                time.sleep(0.2)
-        except BaseException:
-            self.interrupted = True
-            self.stop_all("interrupted: the sweep process was stopped; re-queued")
-            raise
-        finally:
-            self._close_parent()
+        with self.heartbeat:  # beats also while stop_all waits for the trials to stop
+            try:
+                self._loop(time.time())
+            except BaseException:
+                self.interrupted = True
+                self.stop_all("interrupted: the sweep process was stopped; re-queued")
+                raise
+            finally:
+                self._close_parent()
         return SweepOutcome(self.spec.name, self.study, self.objectives, self.notes)
+
+    def _loop(self, last_stale: float) -> None:
+        while True:
+            slots = self.workers - len(self.running)
+            if slots > 0 and self._devices_free() and self._can_start():
+                self._start()
+                continue
+            if not self.running:
+                return
+            for number, run in list(self.running.items()):
+                if run.proc.poll() is not None:
+                    del self.running[number]
+                    self._collect(run)
+            now = time.time()
+            if now - last_stale > self.spec.heartbeat_interval * 3:
+                stale = fail_stale(self.study, self.spec.grace_period, self.requeue)
+                if stale:
+                    self.log(f"re-queued stale trial(s) {stale} (no heartbeat from their sweep process)")
+                last_stale = now
+            time.sleep(0.2)
 
     def _close_parent(self) -> None:
         metrics: dict[str, float] = {}

@@ -335,15 +335,35 @@ def load_sweep(
     storage = storage or data.get("storage") or f"{name}.journal"
     if "://" not in storage:
         storage = str((path.parent / storage).resolve())
-    beat = data.get("heartbeat") or {}
+    interval, grace = _heartbeat(data.get("heartbeat"), path)
     retries = data.get("retries", 2)
     if not isinstance(retries, int) or retries < 0:
         raise ConfigError(f"sweep file '{path}': retries must be a non-negative integer, got {retries!r}")
     return SweepSpec(
         name=name, path=path, base=base, overrides=over, params=params, objectives=objs, sampler=dict(sampler),
-        pruner=dict(pruner), n_trials=n, storage=storage, heartbeat_interval=int(beat.get("interval", 10)),
-        grace_period=int(beat.get("grace", 60)), retries=retries,
+        pruner=dict(pruner), n_trials=n, storage=storage, heartbeat_interval=interval, grace_period=grace,
+        retries=retries,
     )  # fmt: skip
+
+
+def _heartbeat(beat: Any, path: Path) -> tuple[int, int]:
+    """heartbeat: {interval, grace}, whole seconds (Optuna's RDB heartbeat takes integers). A grace of at least two
+    intervals, so that one late beat (a busy host, a slow database) does not fail a live trial."""
+    beat = {} if beat is None else beat
+    if not isinstance(beat, dict) or set(beat) - {"interval", "grace"}:
+        raise ConfigError(f"sweep file '{path}': heartbeat must be a mapping {{interval: S, grace: S}}, got {beat!r}")
+    interval, grace = beat.get("interval", 10), beat.get("grace", 60)
+    for key, value in (("interval", interval), ("grace", grace)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"sweep file '{path}': heartbeat.{key} must be a positive whole number of seconds, got {value!r}"
+            )
+    if grace < 2 * interval:
+        raise ConfigError(
+            f"sweep file '{path}': heartbeat.grace ({grace} s) must be at least twice heartbeat.interval "
+            f"({interval} s), or one late beat would fail a live trial"
+        )
+    return interval, grace
 
 
 def resolve_objectives(objectives: list[Objective], config: dict[str, Any]) -> list[dict[str, str]]:

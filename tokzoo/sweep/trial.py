@@ -18,7 +18,7 @@ import yaml
 
 from tokzoo.config import resolve
 from tokzoo.sweep import optuna_side
-from tokzoo.sweep.launch import RESULT_FILE
+from tokzoo.sweep.launch import RESULT_FILE, die_with_the_sweep
 
 
 def run_trial(folder: str | Path) -> int:
@@ -64,15 +64,24 @@ def run_trial(folder: str | Path) -> int:
 def pruning_hook(meta: dict[str, Any], result: dict[str, Any]) -> Callable[[int, dict[str, float]], bool]:
     """Report the objective after each validation to the study and ask the study's pruner (called on rank 0)."""
     pruner = optuna_side.make_pruner(meta["pruner"])
-    storage = optuna_side.open_storage(meta["storage"])
+    # no heartbeat here: the sweep process beats for this trial and is the one that judges others
+    storage = optuna_side.open_storage(meta["storage"], heartbeat_interval=None)
     study = optuna.load_study(study_name=meta["study"], storage=storage, pruner=pruner)
     trial = optuna.trial.Trial(study, meta["trial_id"])
     metric = meta["objectives"][0]["metric"]
+    reporting = [True]
 
     def hook(step: int, metrics: dict[str, float]) -> bool:
-        if metric not in metrics:
+        if metric not in metrics or not reporting[0]:
             return False
-        trial.report(metrics[metric], step)
+        try:
+            trial.report(metrics[metric], step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another sweep process failed this trial (it took it for stale) and re-queued a copy: training goes
+            # on unpruned, and the sweep process records the outcome in that copy
+            print(f"trial {trial.number} was finished by another process: no more pruning reports", flush=True)
+            reporting[0] = False
+            return False
         if trial.should_prune():
             result.update(pruned=True, pruned_step=step)
             return True
@@ -82,6 +91,7 @@ def pruning_hook(meta: dict[str, Any], result: dict[str, Any]) -> Callable[[int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_the_sweep()
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2 or argv[0] != "run-trial":
         print("usage: python -m tokzoo.sweep run-trial TRIAL_FOLDER", file=sys.stderr)

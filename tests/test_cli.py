@@ -381,3 +381,26 @@ def test_continuous_variant_runs(e2e):
     for metric in ("val/codebook_usage", "val/perplexity", "val/dead_codes", "val/code_mi_bits", "val/code_stability"):
         assert metric not in metrics
         assert "continuous" in run.data.tags.get(f"absent.{metric}", "")
+
+
+@pytest.mark.parametrize(
+    ("trainer", "ddp"),
+    [
+        ({"strategy": "ddp", "devices": 2, "accelerator": "cpu"}, True),
+        ({"strategy": "auto", "devices": 2, "accelerator": "cpu"}, True),  # auto on several devices is DDP too
+        ({"strategy": "auto", "devices": 1, "accelerator": "cpu"}, False),
+        ({"strategy": "auto", "devices": 1, "num_nodes": 2, "accelerator": "cpu"}, True),
+    ],
+)
+def test_auto_strategy_on_several_devices_gets_the_ddp_settings(trainer, ddp):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tokzoo.runner import trainer_kwargs
+
+    kwargs = trainer_kwargs({"trainer": {"max_steps": 5, **trainer}})
+    if ddp:  # the quantizers sync their own state: no per-forward broadcast of rank 0's buffers
+        assert (
+            isinstance(kwargs["strategy"], DDPStrategy) and kwargs["strategy"]._ddp_kwargs["broadcast_buffers"] is False
+        )
+    else:
+        assert kwargs["strategy"] == "auto"

@@ -50,6 +50,28 @@ def _restore_update_count(module: nn.Module, incompatible_keys: object) -> None:
     module._updates = int(module.tracker.step)
 
 
+def nearest_in_blocks(x: Tensor, codes: Tensor, cosine: bool, block_elements: int | None = None) -> Tensor:
+    """x (M, n, c), codes (n, K, c) -> (M, n) int64: per codebook, argmax x.e (cosine, for unit vectors) or
+    argmin ||x - e||^2, over token blocks of at most `block_elements` scores (default SEARCH_BLOCK_ELEMENTS, read
+    at call time), so that memory stays bounded for any number of tokens."""
+    n, k, _ = codes.shape
+    # Euclidean: argmin ||e||^2 - 2 x.e (||x||^2 is the same for every code); the -2 is folded into the codes
+    # (exact: a power of two) and ||e||^2 added in place, so a block costs one score matrix and no temporaries.
+    if cosine:
+        sq_norms, rhs = None, codes.transpose(1, 2)  # (n, c, K)
+    else:
+        sq_norms, rhs = codes.pow(2).sum(-1).unsqueeze(1), (-2 * codes).transpose(1, 2)  # (n, 1, K), (n, c, K)
+    block = max(1, (SEARCH_BLOCK_ELEMENTS if block_elements is None else block_elements) // (n * k))
+    out = torch.empty(x.shape[0], n, dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], block):
+        scores = torch.bmm(x[start : start + block].transpose(0, 1), rhs)  # (n, b, K)
+        if sq_norms is None:
+            out[start : start + block] = scores.argmax(-1).T
+        else:
+            out[start : start + block] = scores.add_(sq_norms).argmin(-1).T
+    return out
+
+
 class CodebookSet(nn.Module):
     """n independent codebooks of K codes of width c, searched together.
 
@@ -121,25 +143,7 @@ class CodebookSet(nn.Module):
     @torch.no_grad()
     def nearest(self, x: Tensor, codes: Tensor | None = None) -> Tensor:
         """x (M, n, c) -> indices (M, n) of the nearest code, searched in token blocks (bounded memory)."""
-        codes = self.codes() if codes is None else codes
-        n, k, _ = codes.shape
-        # Cosine: argmax x.e. Euclidean: argmin ||e||^2 - 2 x.e (||x||^2 is the same for every code); the -2 is
-        # folded into the codes (exact: a power of two) and ||e||^2 added in place, so a block costs one score
-        # matrix and no temporaries.
-        if self.normalize:
-            sq_norms, rhs = None, codes.transpose(1, 2)  # (n, c, K)
-        else:
-            sq_norms, rhs = codes.pow(2).sum(-1).unsqueeze(1), (-2 * codes).transpose(1, 2)  # (n, 1, K), (n, c, K)
-        block = max(1, SEARCH_BLOCK_ELEMENTS // (n * k))
-        out = torch.empty(x.shape[0], n, dtype=torch.long, device=x.device)
-        for start in range(0, x.shape[0], block):
-            xb = x[start : start + block].transpose(0, 1)  # (n, b, c)
-            scores = torch.bmm(xb, rhs)  # (n, b, K)
-            if sq_norms is None:
-                out[start : start + block] = scores.argmax(-1).T
-            else:
-                out[start : start + block] = scores.add_(sq_norms).argmin(-1).T
-        return out
+        return nearest_in_blocks(x, self.codes() if codes is None else codes, cosine=self.normalize)
 
     def lookup(self, indices: Tensor, codes: Tensor | None = None) -> Tensor:
         """indices (M, n) -> codes (M, n, c); differentiable w.r.t. the codebook."""

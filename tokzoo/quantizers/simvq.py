@@ -16,8 +16,8 @@ W starts from nn.Linear's default initialisation. `normalize=True` (off in the p
 by cosine on l2-normalised inputs and l2-normalised rows of C W.
 
 The search runs in token blocks of at most SEARCH_BLOCK_ELEMENTS scores (64 MiB), so 65,536 codes x 65,536
-tokens needs one (K, d) code matrix and one score block, not a (65,536 x 65,536) matrix. `blocked_search` is
-shared with ibq.
+tokens needs one (K, d) code matrix and one score block, not a (65,536 x 65,536) matrix. `blocked_search` (also
+ibq's) is base.nearest_in_blocks with one codebook: the search of vq, mcq and rq.
 """
 
 from __future__ import annotations
@@ -29,32 +29,18 @@ from torch import Tensor, nn
 
 from tokzoo.checks import is_int, positive_int
 from tokzoo.errors import ConfigError
-from tokzoo.quantizers.base import QUANTIZERS, SEARCH_BLOCK_ELEMENTS, Quantizer, QuantizerOutput, UsageTracker
+from tokzoo.quantizers.base import QUANTIZERS, Quantizer, QuantizerOutput, UsageTracker, nearest_in_blocks
 
 METRICS = ("l2", "dot")
 
 
 @torch.no_grad()
-def blocked_search(x: Tensor, codes: Tensor, metric: str, block_elements: int = SEARCH_BLOCK_ELEMENTS) -> Tensor:
+def blocked_search(x: Tensor, codes: Tensor, metric: str, block_elements: int | None = None) -> Tensor:
     """x (M, c), codes (K, c) -> (M,) int64: argmin ||x - e||^2 ("l2") or argmax x.e ("dot"), in token blocks
-    of at most `block_elements` scores."""
+    of at most `block_elements` scores (the codebook quantizers' search, with one codebook)."""
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
-    k = codes.shape[0]
-    if metric == "l2":
-        # ||x||^2 is the same for every code: argmin ||e||^2 - 2 x.e; the -2 folded into the codes (exact).
-        rhs, sq_norms = (-2 * codes).T, codes.pow(2).sum(-1)  # (c, K), (K,)
-    else:
-        rhs, sq_norms = codes.T, None
-    block = max(1, block_elements // k)
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], block):
-        scores = x[start : start + block] @ rhs  # (b, K)
-        if sq_norms is None:
-            out[start : start + block] = scores.argmax(-1)
-        else:
-            out[start : start + block] = scores.add_(sq_norms).argmin(-1)
-    return out
+    return nearest_in_blocks(x[:, None], codes[None], cosine=metric == "dot", block_elements=block_elements)[:, 0]
 
 
 @QUANTIZERS.register("simvq", example=dict(dim=8, codebook_size=16))

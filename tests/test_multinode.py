@@ -140,8 +140,9 @@ def test_slurm_requeue_resumes_the_interrupted_variant(tmp_path: Path) -> None:
 
     client = mlflow.MlflowClient(sqlite_uri(tmp_path))
     (interrupted,) = client.search_runs([client.get_experiment_by_name("requeue").experiment_id])
-    assert interrupted.info.status == "FINISHED"  # Lightning's handler ends the run: the trap this test is about
-    assert "tokzoo.complete" not in interrupted.data.tags
+    # Lightning's handler would end the run FINISHED (from inside a signal handler: with SQLite that could crash the
+    # job mid-write); tokzoo's logger leaves it RUNNING, which it is: it gets resumed. Not complete either way.
+    assert interrupted.info.status == "RUNNING" and "tokzoo.complete" not in interrupted.data.tags
     stopped_at = max(m.step for m in client.get_metric_history(interrupted.info.run_id, "train/loss"))
     assert 0 < stopped_at < STEPS - 1
 

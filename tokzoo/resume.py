@@ -37,8 +37,9 @@ COMPLETE_TAG = "tokzoo.complete"  # set as the last step of a variant; MLflow's 
 
 
 def is_complete(run: Any) -> bool:
-    """A run counts as done only when tokzoo recorded it: Lightning also marks a run FINISHED when SLURM's
-    auto-requeue signal stops a job halfway, and the requeued job must then resume it, not skip it."""
+    """A run counts as done only when tokzoo recorded it: Lightning's MLflow logger marks a run FINISHED when SLURM's
+    auto-requeue signal stops a job halfway (tokzoo's logger no longer does, but older runs and other loggers may),
+    and the requeued job must then resume it, not skip it."""
     return run.info.status == "FINISHED" and run.data.tags.get(COMPLETE_TAG) == "true"
 
 

@@ -232,6 +232,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        if status == "finished":
+            # Lightning's SLURM requeue handler (its only "finished" caller) runs inside a signal handler, which may
+            # have interrupted this process's own write to a SQLite store ("database is locked" then kills the job
+            # before it saves and requeues). The run is to be resumed, so RUNNING is its true status: leave it.
+            return
         # Lightning's own finalize asks the server for the run first, which fails while it is down
         if self._initialized:
             status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)

@@ -99,6 +99,7 @@ def test_a_node_with_its_own_output_dir_stops_every_node(tmp_path: Path) -> None
 # ---------------------------------------------------------------- SLURM auto-requeue
 
 STEPS = 60
+EVERY = 5  # checkpoint_every
 
 
 def slurm_env(folder: Path) -> dict[str, str]:
@@ -118,7 +119,7 @@ def slurm_env(folder: Path) -> dict[str, str]:
 def test_slurm_requeue_resumes_the_interrupted_variant(tmp_path: Path) -> None:
     import mlflow
 
-    base = {**TINY_BASE, "output_dir": str(tmp_path / "outputs"), "checkpoint_every": 5}
+    base = {**TINY_BASE, "output_dir": str(tmp_path / "outputs"), "checkpoint_every": EVERY}
     base["trainer"] = {**TINY_BASE["trainer"], "max_steps": STEPS}
     path = write_yaml(tmp_path / "requeue.yaml", {"name": "requeue", "base": base, "variants": {"only": {}}})
     env = slurm_env(tmp_path)
@@ -152,7 +153,11 @@ def test_slurm_requeue_resumes_the_interrupted_variant(tmp_path: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("requeue").experiment_id])
     assert run.info.run_id == interrupted.info.run_id and run.data.tags.get("tokzoo.complete") == "true"
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
-    assert steps == list(range(steps[-1] + 1)) and steps[-1] > stopped_at  # no gap: on from where it stopped
+    assert steps[-1] > stopped_at  # trained on from where the requeue stopped it
+    # Lightning writes a step's checkpoint before it logs that step's metrics: a job killed in between resumes after
+    # the step whose train/loss it never sent. That one point, just before a checkpoint step, is all that may lack.
+    missing = sorted(set(range(steps[-1] + 1)) - set(steps))
+    assert len(missing) <= 1 and all((m + 1) % EVERY == 0 for m in missing), missing
     (final,) = variant_dir.glob("checkpoints/last-*.ckpt")
     assert torch.load(final, map_location="cpu", weights_only=False)["global_step"] == STEPS
     assert not list(variant_dir.glob("hpc_ckpt_*.ckpt"))  # consumed: the final rolling checkpoint holds the state

@@ -22,6 +22,23 @@ TINY_BASE: dict[str, Any] = {
 }
 
 
+# The real CLI on 2 gloo ranks (CPU), in a subprocess; modules of such tests set `pytestmark = DDP_MARKS`.
+DDP_OVERRIDES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+def _gloo_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+DDP_MARKS = [
+    pytest.mark.ddp,
+    pytest.mark.slow,
+    pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is unavailable"),
+]
+
+
 def tokzoo_command() -> list[str]:
     """The installed console script when the venv has one, else the module (same entry point)."""
     script = Path(sys.executable).with_name("tokzoo")

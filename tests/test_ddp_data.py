@@ -16,20 +16,11 @@ import tarfile
 import threading
 from pathlib import Path
 
-import pytest
-import torch.distributed as dist
-from conftest import run_tokzoo, sqlite_uri, write_yaml
+from conftest import DDP_MARKS, DDP_OVERRIDES, run_tokzoo, sqlite_uri, write_yaml
 from PIL import Image
 
-pytestmark = [
-    pytest.mark.ddp,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
-    ),
-]
+pytestmark = DDP_MARKS
 
-DDP_OVERRIDES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 STEPS = 12
 CORRUPT = b"\xff\xd8 this is not a jpeg"

@@ -11,18 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import TINY_BASE, run_tokzoo, sqlite_uri, tiny_ablation, write_yaml
+from conftest import DDP_MARKS, DDP_OVERRIDES, TINY_BASE, run_tokzoo, sqlite_uri, tiny_ablation, write_yaml
 
-pytestmark = [
-    pytest.mark.ddp,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
-    ),
-]
+pytestmark = DDP_MARKS
 
-DDP_OVERRIDES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 WORKER = Path(__file__).with_name("ddp_fit_worker.py")
 WORKER_STEPS = 4
 # EMA codebooks with k-means init and dead-code restarts every step: every codebook change is data-dependent,

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import TINY_BASE, run_tokzoo, sqlite_uri, tiny_ablation, tokzoo_command, write_yaml
+from conftest import (
+    DDP_MARKS,
+    TINY_BASE,
+    run_tokzoo,
+    sqlite_uri,
+    tiny_ablation,
+    tokzoo_command,
+    write_yaml,
+)
 
-pytestmark = [
-    pytest.mark.ddp,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
-    ),
-]
+pytestmark = DDP_MARKS
 
 NODE_OVERRIDES = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp"]
 

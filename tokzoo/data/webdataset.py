@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -76,9 +75,8 @@ def rank_world(parent: tuple[int, int] | None = None) -> tuple[int, int]:
         return distributed.rank_world()
     if parent is not None:
         return parent
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return 0, 1
+    env = distributed.launcher_environment()  # torchrun / srun: what they assigned; else (0, 1)
+    return env.global_rank(), env.world_size()
 
 
 def worker_id_count() -> tuple[int, int]:

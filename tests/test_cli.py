@@ -312,8 +312,14 @@ def test_full_variants_log_every_metric(e2e, name):
     assert 0 < metrics["val/codebook_usage"] <= 1
     assert metrics["val/perplexity"] >= 1
     assert metrics["val/dead_codes"] >= 0
+    tags = e2e.by_variant[name].data.tags
     for acc in ("val/zeroshot_acc", "val/linprobe_acc"):
-        assert 0 <= metrics[acc] <= 1
+        # the class task (headline), each attribute the full captions name, and their mean; chance tagged beside
+        for task in ("", "/color", "/size", "/position", "/background", "/mean"):
+            assert 0 <= metrics[acc + task] <= 1, (acc + task, sorted(metrics))
+        assert float(tags[f"chance.{acc}/size"]) == pytest.approx(1 / 3) and float(tags[f"chance.{acc}"]) == 0.1
+        parts = [metrics[acc + t] for t in ("", "/color", "/size", "/position", "/background")]
+        assert metrics[acc + "/mean"] == pytest.approx(sum(parts) / 5)
     assert metrics["val/psnr"] > 0 and -1 <= metrics["val/ssim"] <= 1
     assert metrics["perf/images_per_sec"] > 0
     assert 0 <= metrics["val/code_class_nmi"] <= 1 and 0 <= metrics["val/code_stability"] <= 1

@@ -77,7 +77,7 @@ def test_shapes_caption_styles_name_the_shape_and_say_what_they_promise(tmp_path
         assert color in shapes_mod.COLORS and f"{color} {name}" in full.captions[i]
     # prompts follow the caption style: ensembled over colours for `object`
     assert obj.prompt_templates == [f"a {c} {{}}" for c in shapes_mod.COLORS] and shape.prompt_templates == ["a {}"]
-    assert full.prompt_templates == shapes_mod.SHAPE_TEMPLATES
+    assert full.prompt_templates == shapes_mod.default_templates("full")  # caption grammar: tests/test_attributes.py
     with pytest.raises(ConfigError, match="captions must be one of"):
         _shapes(tmp_path, captions="long")
 
@@ -303,6 +303,8 @@ def test_datamodule_batches(tmp_path):
     assert batch["image"].shape == (8, 3, 32, 32) and len(batch["caption"]) == 8 and batch["label"].shape == (8,)
     val = list(dm.val_dataloader())
     assert [len(b["caption"]) for b in val] == [10, 2]
+    assert list(dm.attribute_tasks) == ["color", "size", "position", "background"]
+    assert val[0]["attributes"].shape == (10, 4)  # the val split carries the attribute tasks; train needs none
     assert [b["caption"] for b in val] == [b["caption"] for b in dm.val_dataloader()]  # deterministic
     with pytest.raises(ConfigError, match="batch_size"):
         TokzooDataModule("shapes", image_size=32, batch_size=0)
@@ -345,12 +347,14 @@ def test_resumable_sampler_continues_the_interrupted_epoch_and_leaves_the_global
 
 def test_datamodule_resumes_the_order_from_the_trainers_step(tmp_path):
     """Lightning restores global_step before asking for the train loader: the loader continues with the batch
-    after the last one trained on, in the right epoch (10 batches per epoch here, resumed at step 13)."""
+    after the last one trained on, in the epoch that step falls in (10 batches per epoch here, resumed at step 13),
+    whatever epoch Lightning passes to set_epoch (it counts a finished run's epoch as complete, so a longer budget
+    continuing that run hears epoch + 1)."""
     from types import SimpleNamespace
 
     from tokzoo.lit.datamodule import TokzooDataModule
 
-    def batches(global_step: int) -> list[list[int]]:
+    def batches(global_step: int, lightning_epoch: int) -> list[list[int]]:
         dm = TokzooDataModule(
             "shapes", image_size=32, batch_size=4, seed=3,
             dataset_kwargs={"num_train": 40, "num_val": 4, "cache_dir": str(tmp_path)},
@@ -359,15 +363,18 @@ def test_datamodule_resumes_the_order_from_the_trainers_step(tmp_path):
         dm.setup("fit")
         loader = dm.train_dataloader()
         out = []
-        for epoch in (global_step // 10, global_step // 10 + 1):
+        for epoch in (lightning_epoch, lightning_epoch + 1):
             loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
-            out += [b["image"].flatten(1)[:, :8].tolist() for b in loader]
+            for b in loader:
+                out.append(b["image"].flatten(1)[:, :8].tolist())
+                dm.trainer.global_step += 1  # one optimizer step per batch
         return out
 
-    uninterrupted = batches(0)  # epochs 0 and 1
-    resumed = batches(13)  # the rest of epoch 1, then epoch 2
-    assert len(uninterrupted) == 20 and len(resumed) == 7 + 10
-    assert resumed[:7] == uninterrupted[13:]
+    uninterrupted = batches(0, 0)  # epochs 0 and 1
+    resumed = batches(13, 1)  # the rest of epoch 1, then epoch 2
+    continued = batches(13, 2)  # the same, with Lightning one epoch ahead
+    assert len(uninterrupted) == 20 and len(resumed) == len(continued) == 7 + 10
+    assert resumed[:7] == uninterrupted[13:] and continued == resumed
     assert resumed[7:] != uninterrupted[10:]  # epoch 2 is a new permutation, not a replay of epoch 1
 
 

@@ -125,6 +125,16 @@ _ENTRIES = (
         "val/linprobe_acc", "lin. probe acc", "linear-probe accuracy (%)", True, 100.0, headline=True,
         absent_when=(_eval_off("linear_probe"),),
     ),
+    # Per attribute task the captions name (the embedded dataset: color, size, position, background) and their
+    # mean with the class task ("mean"); the class task itself stays the headline above.
+    Metric(
+        "val/zeroshot_acc/<attr>", "zero-shot acc (attribute)", "zero-shot accuracy on an attribute (%)", True, 100.0,
+        absent_when=(_no_text, _eval_off("zero_shot")),
+    ),
+    Metric(
+        "val/linprobe_acc/<attr>", "lin. probe acc (attribute)", "linear-probe accuracy on an attribute (%)", True,
+        100.0, absent_when=(_eval_off("linear_probe"),),
+    ),
     Metric(
         "val/codebook_usage", "codebook usage", "codebook usage (% of entries)", True, 100.0, headline=True,
         absent_when=CODEBOOK_RULES,
@@ -239,7 +249,21 @@ RAW_HEADLINE = tuple(m.name for m in _ENTRIES if m.name.startswith(RAW_PREFIX))
 _ENTRIES += _GENERATION
 
 CATALOGUE: dict[str, Metric] = {m.name: m for m in _ENTRIES}
-_PATTERNS = [(re.compile("^" + re.escape(m.name).replace("<k>", r"\d+") + "$"), m) for m in _ENTRIES if "<k>" in m.name]
+_SLOTS = {"<k>": r"\d+", "<attr>": r"[a-z][a-z_]*"}  # what a pattern entry's last segment matches
+
+
+def is_pattern(name: str) -> bool:
+    return any(slot in name for slot in _SLOTS)
+
+
+def _compile(name: str) -> re.Pattern:
+    text = re.escape(name)
+    for slot, regex in _SLOTS.items():
+        text = text.replace(re.escape(slot), regex)
+    return re.compile("^" + text + "$")
+
+
+_PATTERNS = [(_compile(m.name), m) for m in _ENTRIES if is_pattern(m.name)]
 # Headline validation metrics, in the order tables and plots show them.
 HEADLINE = tuple(m.name for m in _ENTRIES if m.headline)
 # The columns of `tokzoo compare`: the headline, the raw weights' headline (EMA runs only), then diagnostics.
@@ -279,7 +303,7 @@ def absent_metrics(config: dict[str, Any], prefix: str = "val/") -> dict[str, st
     """metric -> reason for every catalogue metric under prefix that this config cannot produce."""
     out = {}
     for name in CATALOGUE:
-        if "<k>" in name or not name.startswith(prefix):
+        if is_pattern(name) or not name.startswith(prefix):
             continue
         reason = absence(name, config)
         if reason:

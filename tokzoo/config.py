@@ -2,7 +2,9 @@
 
 A *run config* is a partial override of tokzoo/configs/default.yaml. An *ablation file* has a `base` (a run config,
 inline or a path relative to the file) and named `variants`, each a partial override merged onto the base; `seeds`
-(optional) runs every variant once per seed. Command-line dot-list overrides apply to every variant, last.
+(optional) runs every variant once per seed, `budgets` (optional, training steps) once per budget. Command-line
+dot-list overrides apply to every variant, last; `seeds=[0]` and `budgets=[20,40]` there replace the file's lists,
+and `variants=[a,b]` trains only those variants.
 
 Merging rule for component sections (model.encoder/decoder/factorization/quantizer/text/tokenizer): when an override
 names a different component (`name:` changes), the section is replaced, not merged, so that keyword arguments of the
@@ -28,7 +30,8 @@ COMPONENT_SECTIONS = ("encoder", "decoder", "factorization", "quantizer", "text"
 OPEN_SECTIONS = {("data", "kwargs"), ("trainer",)} | {("model", c) for c in COMPONENT_SECTIONS}
 SUPERVISIONS = ("recon", "contra", "both")
 CONTRA_DUPLICATES = ("positive", "negative")  # tokzoo.losses.contrastive.DUPLICATE_MODES (torch-free here)
-ABLATION_KEYS = {"name", "base", "variants", "seeds", "description"}
+ABLATION_KEYS = {"name", "base", "variants", "seeds", "budgets", "description"}
+LIST_KEYS = ("seeds", "budgets")  # ablation-level lists a dot-list override may replace
 AUGMENT_CROPS = ("random", "center")  # tokzoo.data.transforms.CROPS (torch-free here)
 AUGMENT_OFF = {"crop": "center", "flip": False, "resize_short": 1.0}  # the val transform, and every split's before
 # data.augment's `auto` per dataset: photos get a random crop and a flip; shapes none, since its captions name
@@ -38,9 +41,11 @@ UNAUGMENTED_DATASETS = ("shapes",)
 
 @dataclass
 class Variant:
-    name: str  # variant name, with "/seed<k>" appended when the ablation lists several seeds
+    name: str  # variant name, then "/steps<n>" with budgets, then "/seed<k>" when the ablation lists several seeds
     config: dict[str, Any]  # fully resolved run config
     seed: int
+    budget: int | None = None  # trainer.max_steps set by the ablation's `budgets`
+    shorter: str | None = None  # the same variant and seed at the next smaller budget (a run it may continue)
 
     @property
     def config_hash(self) -> str:
@@ -250,6 +255,8 @@ def load_variants(path: str | Path, overrides: list[str] | None = None) -> tuple
     data = load_yaml(path)
     name = path.stem
     over = parse_overrides(overrides or [])
+    lists = {key: over.pop(key) for key in LIST_KEYS if key in over}  # `seeds=[0]` on the command line
+    chosen = over.pop("variants", None)  # `variants=[a,b]`: train only these of the file's variants
     if "variants" in data or "base" in data:
         unknown = sorted(set(data) - ABLATION_KEYS)
         if unknown:
@@ -264,11 +271,17 @@ def load_variants(path: str | Path, overrides: list[str] | None = None) -> tuple
         variants = data.get("variants") or {"base": {}}
         if not isinstance(variants, dict):
             raise ConfigError(f"'variants' in '{path}' must be a mapping of variant name -> overrides")
-        seeds = data.get("seeds")
     else:
-        base, variants, seeds = data, {name: {}}, None
-    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds):
-        raise ConfigError(f"'seeds' in '{path}' must be a non-empty list of integers, got {seeds!r}")
+        base, variants, data = data, {name: {}}, {}
+    if chosen is not None:
+        unknown = [v for v in chosen if v not in variants] if isinstance(chosen, list) else [chosen]
+        if unknown or not chosen:
+            raise ConfigError(
+                f"variants={chosen!r} on the command line must list variants of '{path}': {', '.join(variants)}"
+            )
+        variants = {v: variants[v] for v in variants if v in chosen}
+    seeds = _int_list("seeds", lists.get("seeds", data.get("seeds")), path, minimum=None)
+    budgets = _int_list("budgets", lists.get("budgets", data.get("budgets")), path, minimum=1)
 
     base_cfg = merge(defaults(), base)
     out = []
@@ -276,16 +289,52 @@ def load_variants(path: str | Path, overrides: list[str] | None = None) -> tuple
         if not isinstance(vover, dict):
             raise ConfigError(f"variant '{vname}' in '{path}' must be a mapping of overrides, got {vover!r}")
         cfg = merge(merge(base_cfg, vover), over)
-        for seed in seeds or [None]:
-            run_cfg = dict(cfg) if seed is None else {**cfg, "seed": seed}
-            resolved = resolve(run_cfg)
-            label = str(vname) if seed is None or len(seeds) == 1 else f"{vname}/seed{seed}"
-            out.append(Variant(name=label, config=resolved, seed=resolved["seed"]))
+        shorter: dict[int | None, str] = {}  # seed -> label of its run at the previous budget
+        for budget in sorted(set(budgets)) if budgets else [None]:
+            for seed in seeds or [None]:
+                run_cfg = dict(cfg) if seed is None else {**cfg, "seed": seed}
+                if budget is not None:
+                    run_cfg["trainer"] = {**run_cfg.get("trainer", {}), "max_steps": budget}
+                resolved = resolve(run_cfg)
+                label = str(vname) if budget is None else f"{vname}/steps{budget}"
+                label = label if seed is None or len(seeds) == 1 else f"{label}/seed{seed}"
+                out.append(Variant(label, resolved, resolved["seed"], budget, shorter.get(seed)))
+                shorter[seed] = label
     if "experiment" in (over.get("tracking") or {}) and over["tracking"]["experiment"]:
         name = over["tracking"]["experiment"]
     elif out and out[0].config["tracking"]["experiment"]:
         name = out[0].config["tracking"]["experiment"]
     return str(name), out
+
+
+def _int_list(key: str, value: Any, path: Path, minimum: int | None) -> list[int] | None:
+    """`seeds` / `budgets`: None, or a non-empty list of integers (budgets at least `minimum`)."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or (minimum is not None and min(value) < minimum):
+        floor = f" of at least {minimum}" if minimum is not None else ""
+        example = "[0,1,2]" if key == "seeds" else "[200,800]"
+        raise ConfigError(
+            f"'{key}' (in '{path}' or on the command line) must be a non-empty list of integers{floor}, got "
+            f"{value!r}; e.g. '{key}={example}'"
+        )
+    return value
+
+
+def budget_dependence(config: dict[str, Any]) -> str | None:
+    """Why a run at a smaller budget is not the first part of a longer one (None when it is, so a longer budget can
+    continue its checkpoint): anything scheduled over trainer.max_steps."""
+    ratio = config["optim"]["min_lr_ratio"]
+    if ratio < 1:
+        return (
+            f"the learning rate decays on a cosine to the end of each budget (optim.min_lr_ratio={ratio} < 1), so a "
+            f"shorter run is not the start of a longer one; optim.min_lr_ratio=1.0 (warmup, then constant) allows it"
+        )
+    loss = config["loss"]
+    if loss["supervision"] != "contra" and loss["gan_weight"] > 0 and loss["gan_start"] > 0:
+        return f"the GAN term starts at loss.gan_start={loss['gan_start']} of each budget"
+    return None
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tokzoo.config import Variant, config_hash
+from tokzoo.config import Variant, budget_dependence, config_hash
 from tokzoo.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger("tokzoo.runner")
@@ -87,3 +87,17 @@ class RollingCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero:
                 where = self.format_checkpoint_name(self._monitor_candidates(trainer))
                 log.warning("%s at step %d: saved checkpoint %s", type(exception).__name__, trainer.global_step, where)
+
+
+def continuation(experiment: str, variant: Variant, shorter: Variant | None) -> tuple[Path | None, str | None]:
+    """(checkpoint, why not): the state of the same variant and seed at the next smaller budget, which this budget's
+    run continues from when nothing in the config is scheduled over the budget; else None and the reason."""
+    if shorter is None:
+        return None, None
+    reason = budget_dependence(variant.config)
+    if reason is not None:
+        return None, reason
+    last = checkpoint_path(experiment, shorter)
+    if not last.is_file():
+        return None, f"the {shorter.budget}-step run left no checkpoint at {last}"
+    return checked_checkpoint(last, shorter), None

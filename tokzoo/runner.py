@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import shutil
 import threading
@@ -40,6 +41,7 @@ from tokzoo.resume import (
     RollingCheckpoint,
     checked_checkpoint,
     checkpoint_path,
+    continuation,
     is_complete,
     previous_runs,
     resume_checkpoint,
@@ -158,9 +160,11 @@ def fit_variant(
     extra_tags: dict[str, str] | None = None,
     on_validation: Callable[[int, dict[str, float]], bool] | None = None,
     resume: bool = True,
+    start_from: Path | None = None,
 ) -> VariantResult:
     """Train one variant into one MLflow run. With resume (default): a variant whose run already FINISHED with the
-    same config hash is skipped, and an interrupted one continues from its last checkpoint into the same run."""
+    same config hash is skipped, and an interrupted one continues from its last checkpoint into the same run.
+    start_from: a shorter budget's checkpoint that a new run of this variant continues (resume.continuation)."""
     config = variant.config
     last = checkpoint_path(experiment, variant)
     out_dir = last.parent.parent
@@ -172,6 +176,8 @@ def fit_variant(
         return result_from_run(finished, variant, bits)
     ckpt_path = resume_checkpoint(last, variant) if resume else None
     run_id = prior[0].info.run_id if (ckpt_path is not None and prior) else None
+    continued = ckpt_path is None and start_from is not None
+    ckpt_path = start_from if continued else ckpt_path
 
     L.seed_everything(variant.seed, workers=True, verbose=False)
     if run_id is None and is_env_rank_zero():  # Lightning's logger would create it too, with a warning
@@ -221,7 +227,7 @@ def fit_variant(
             logger.experiment.set_tag(logger.run_id, f"tokzoo.weights.{part}", report[:5000])
     result = VariantResult(variant.name, module.model.quantizer.bits_per_token)
     if ckpt_path is not None:
-        result.status = "resumed"
+        result.status = "continued" if continued else "resumed"
     start = time.perf_counter()
     TRAINING.set()  # Lightning's own SIGTERM handling is active inside fit (see cli.cmd_fit)
     try:
@@ -253,6 +259,9 @@ def fit_variant(
         result.absent = {m: why for m, why in sorted(module.absent.items()) if m not in result.metrics}
         for metric, reason in result.absent.items():
             client.set_tag(run_id, f"absent.{metric}", reason[:5000])
+        for metric, level in module.chance.items():  # plots draw it (accuracy panels)
+            if math.isfinite(level):
+                client.set_tag(run_id, f"chance.{metric}", f"{level:.6g}")
         if module.grid_path.exists():
             client.log_artifact(run_id, str(module.grid_path))
         result.checkpoint = str(last)
@@ -367,10 +376,19 @@ def fit(path: str, overrides: list[str]) -> tuple[str, list[VariantResult]]:
     copies = 3 + any(ema_callback(v.config) is not None for v in variants)
     for folder in {Path(v.config["output_dir"]) for v in variants}:
         check_output_dir(folder, needed_bytes=2 * copies * 4 * largest)
-    results = []
+    results, by_name, told = [], {v.name: v for v in variants}, False
     for variant in variants:
         try:
-            results.append(fit_variant(experiment, variant, uri))
+            start, why_not = continuation(experiment, variant, by_name.get(variant.shorter))
+            tags = {} if variant.budget is None else {"tokzoo.budget": str(variant.budget)}
+            if start is not None:
+                tags["tokzoo.continued_from"] = variant.shorter
+            elif why_not is not None:
+                tags["tokzoo.budget_restart"] = why_not[:5000]
+                if not told:  # once: the reason is the same for every budget of this ablation
+                    log.warning("budgets train from step 0, not from the shorter budget's checkpoint: %s", why_not)
+                    told = True
+            results.append(fit_variant(experiment, variant, uri, extra_tags=tags, start_from=start))
         except ConfigError as err:
             raise ConfigError(f"variant '{variant.name}': {err}") from None
     return experiment, results

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,16 @@ PHOTO_TEMPLATES = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 Sample = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AttributeTask:
+    """A classification task beside the class label that the captions describe (the embedded dataset's colour,
+    size, ...): a dataset lists them as `attribute_tasks` {name: task} and each sample carries "attributes", its
+    value index per task in that order. Scored as val/zeroshot_acc/<name> and val/linprobe_acc/<name>."""
+
+    names: list[str]  # value names; a sample's value is an index into them
+    prompts: list[list[str]]  # per value, the zero-shot prompts whose mean text embedding stands for it
 
 
 def build_dataset(name: str, **kwargs: Any) -> torch.utils.data.Dataset:
@@ -143,12 +154,15 @@ def collate_samples(items: list[Sample | None]) -> dict[str, Any]:
             "label": torch.zeros(0, dtype=torch.long),
             "skipped": skipped,
         }
-    return {
+    batch = {
         "image": torch.stack([it["image"] for it in kept]),
         "caption": [it["caption"] for it in kept],
         "label": torch.tensor([int(it["label"]) for it in kept], dtype=torch.long),
         "skipped": skipped,
     }
+    if all("attributes" in it for it in kept):
+        batch["attributes"] = torch.tensor([list(it["attributes"]) for it in kept], dtype=torch.long)  # (B, tasks)
+    return batch
 
 
 def deterministic_split(n: int, split: str, val_fraction: float, seed: int, what: str) -> np.ndarray:

@@ -26,11 +26,25 @@ import torch
 from tokzoo.checks import positive_int
 from tokzoo.data.common import (
     DATASETS,
+    AttributeTask,
     Sample,
     check_split,
     check_templates,
     default_cache_dir,
     uint8_to_tensor,
+)
+from tokzoo.data.shapes_captions import (  # noqa: F401  (the vocabulary is importable from here too)
+    ATTRIBUTES,
+    BACKGROUNDS,
+    CAPTION_STYLES,
+    COLORS,
+    POSITIONS,
+    SHAPE_NAMES,
+    SIZES,
+    attribute_tasks,
+    compose_captions,
+    default_templates,
+    task_columns,
 )
 from tokzoo.data.transforms import Augment, ItemKey, active, augment_array, item_key
 from tokzoo.errors import ConfigError
@@ -40,42 +54,8 @@ log = logging.getLogger("tokzoo.data")
 # Bump whenever the generator's output changes: old cache files are then simply not found.
 GENERATOR_VERSION = 2  # 2: the cache stores attributes, captions are composed at load time
 
-SHAPE_NAMES = [
-    "circle", "square", "triangle", "diamond", "pentagon", "hexagon", "star", "cross", "ring", "crescent",
-]  # fmt: skip
-COLORS = {
-    "red": (215, 38, 45),
-    "orange": (245, 135, 30),
-    "yellow": (240, 210, 50),
-    "green": (50, 160, 70),
-    "cyan": (50, 195, 210),
-    "blue": (40, 80, 200),
-    "purple": (130, 60, 180),
-    "pink": (240, 130, 185),
-    "white": (240, 240, 235),
-    "black": (30, 30, 35),
-    "gray": (130, 130, 130),
-    "brown": (135, 85, 45),
-}
-SIZES = ["small", "medium", "large"]
-SIZE_RADIUS = np.array([0.13, 0.2, 0.27])  # radius as a fraction of the image side
-POSITIONS = [
-    "in the top left", "at the top", "in the top right",
-    "on the left", "in the center", "on the right",
-    "in the bottom left", "at the bottom", "in the bottom right",
-]  # fmt: skip
-BACKGROUNDS = ["plain {} background", "{} gradient background", "striped {} background",
-               "checkered {} background", "noisy {} background"]  # fmt: skip
-SHAPE_TEMPLATES = [
-    "a photo of a {}.",
-    "a drawing of a {}.",
-    "an image of a {}.",
-    "a {} shape.",
-    "a picture of a {}.",
-    "a rendering of a {}.",
-]
-CAPTION_STYLES = ("full", "object", "shape")
 SUPPORTED_SIZES = (32, 64)
+SIZE_RADIUS = np.array([0.13, 0.2, 0.27])  # radius as a fraction of the image side
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 _COLOR_NAMES = list(COLORS)
 
@@ -229,48 +209,6 @@ def generate_shapes(n: int, image_size: int, seed: int | list[int]) -> tuple[np.
     return images, attributes
 
 
-# columns of the attribute array, in this order
-ATTRIBUTES = ("kind", "color", "size", "pos", "bg_kind", "bg_color")
-
-
-def compose_captions(attributes: np.ndarray, style: str = "full") -> list[str]:
-    """One caption per attribute row.
-
-    full:   "a large red triangle in the top left on a striped blue background" - every attribute named. In a
-            contrastive batch colour, size, position and background already tell the images apart, so a model
-            can match captions perfectly without ever learning the shapes (measured: zero-shot and probe at
-            chance after 600 steps).
-    object: "a red triangle" - 120 combinations, so a batch of 64 repeats colours and only the shape resolves
-            them: contrastive training has to learn shape.
-    shape:  "a triangle" - the class alone (contrastive learning becomes plain classification).
-    """
-    if style not in CAPTION_STYLES:
-        raise ConfigError(f"shapes: captions must be one of {list(CAPTION_STYLES)}, got {style!r}")
-    out = []
-    for k, c, size, q, b, bc in attributes.tolist():
-        if style == "shape":
-            out.append(f"a {SHAPE_NAMES[k]}")
-        elif style == "object":
-            out.append(f"a {_COLOR_NAMES[c]} {SHAPE_NAMES[k]}")
-        else:
-            out.append(
-                f"a {SIZES[size]} {_COLOR_NAMES[c]} {SHAPE_NAMES[k]} {POSITIONS[q]} on a "
-                + BACKGROUNDS[b].format(_COLOR_NAMES[bc])
-            )
-    return out
-
-
-def default_templates(style: str) -> list[str]:
-    """Zero-shot prompts in the captions' own grammar: a text tower trained from scratch on one caption style
-    has never seen "a photo of a ...". For `object` the prompt is ensembled over the colours (the nuisance
-    attribute), as CLIP ensembles over templates."""
-    if style == "object":
-        return [f"a {color} {{}}" for color in _COLOR_NAMES]
-    if style == "shape":
-        return ["a {}"]
-    return list(SHAPE_TEMPLATES)
-
-
 def cache_path(cache_dir: Path, split: str, n: int, image_size: int, seed: int) -> Path:
     return cache_dir / f"shapes_v{GENERATOR_VERSION}_{split}_n{n}_px{image_size}_seed{seed}.npz"
 
@@ -319,12 +257,16 @@ class ShapesDataset(torch.utils.data.Dataset):
         labels: np.ndarray,
         prompt_templates: list[str],
         augment: Augment | None = None,
+        tasks: dict[str, AttributeTask] | None = None,
+        task_values: np.ndarray | None = None,
     ):
         self.images = torch.from_numpy(images)  # (N, S, S, 3) uint8: 4x smaller than float in memory
         self.captions = captions
         self.labels = labels.tolist()
         self.class_names = list(SHAPE_NAMES)
         self.prompt_templates = prompt_templates
+        self.attribute_tasks = tasks or {}  # what the captions name besides the shape (scored at validation)
+        self.task_values = [tuple(row) for row in task_values.tolist()] if self.attribute_tasks else None
         self.augment = augment  # off unless data.augment asks: the full captions name positions (left/right)
 
     def __len__(self) -> int:
@@ -335,11 +277,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         image = self.images[i].numpy()
         if active(self.augment):
             image = augment_array(image, image.shape[0], self.augment, self.augment.rng(epoch, i))
-        return {
-            "image": uint8_to_tensor(image),
-            "caption": self.captions[i],
-            "label": self.labels[i],
-        }
+        sample = {"image": uint8_to_tensor(image), "caption": self.captions[i], "label": self.labels[i]}
+        if self.task_values is not None:
+            sample["attributes"] = self.task_values[i]
+        return sample
 
 
 def _example(folder: Path) -> dict:
@@ -371,4 +312,8 @@ def shapes(
     images, attributes = load_or_generate(split, n, image_size, seed, root / "shapes")
     templates = check_templates(prompt_templates, default_templates(captions))
     augment = augment if split == "train" else None
-    return ShapesDataset(images, compose_captions(attributes, captions), attributes[:, 0], templates, augment)
+    captions_text = compose_captions(attributes, captions)
+    # the val split carries the attribute tasks the captions name: what validation scores besides the shape
+    tasks = attribute_tasks(captions) if split == "val" else {}
+    values = attributes[:, task_columns(captions)]
+    return ShapesDataset(images, captions_text, attributes[:, 0], templates, augment, tasks, values)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning
 import torch
@@ -36,20 +36,33 @@ class ResumableSampler(DistributedSampler):
     it never touches the global RNG, which seed_everything resets on resume.
 
     keyed: yield (epoch, index) instead of index, for a train split that augments: its draws then depend on the
-    epoch and the item alone (tokzoo.data.transforms)."""
+    epoch and the item alone (tokzoo.data.transforms).
+
+    position: () -> (epoch, samples of it already consumed), asked each time an epoch's iteration starts. Given, it
+    decides the epoch instead of Lightning's set_epoch: Lightning counts a finished run's epoch as complete, so a
+    longer budget continuing that run's checkpoint would otherwise start a new permutation mid-epoch."""
 
     def __init__(
-        self, dataset: torch.utils.data.Dataset, seed: int, rank: int = 0, world_size: int = 1, keyed: bool = False
+        self,
+        dataset: torch.utils.data.Dataset,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        keyed: bool = False,
+        position: Callable[[], tuple[int, int]] | None = None,
     ):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self._resume: tuple[int, int] | None = None  # (epoch, samples of that epoch already consumed)
         self.keyed = keyed
+        self.position = position
 
     def resume_at(self, epoch: int, consumed: int) -> None:
         self.set_epoch(epoch)
         self._resume = (epoch, consumed) if consumed else None
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        if self.position is not None:
+            self.resume_at(*self.position())
         order = super().__iter__()
         if self.keyed:
             epoch = self.epoch
@@ -155,6 +168,11 @@ class TokzooDataModule(lightning.LightningDataModule):
         return getattr(self.val_set, "class_names", None)
 
     @property
+    def attribute_tasks(self) -> dict:
+        """The val set's tasks beside the class label ({name: data.common.AttributeTask}; empty for most data)."""
+        return dict(getattr(self.val_set, "attribute_tasks", None) or {})
+
+    @property
     def prompt_templates(self) -> list[str] | None:
         """The val set's zero-shot templates, each with one "{}" (None before setup())."""
         return getattr(self.val_set, "prompt_templates", None)
@@ -174,9 +192,13 @@ class TokzooDataModule(lightning.LightningDataModule):
         keyed = active(getattr(self.train_set, "augment", None))
         sampler = ResumableSampler(dataset, seed=self.seed, rank=rank, world_size=world_size, keyed=keyed)
         per_epoch = len(sampler) // self.batch_size
-        if self.trainer is not None and per_epoch:  # continue from the batch after the last one trained on
-            done = self._batches_done()
-            sampler.resume_at(done // per_epoch, (done % per_epoch) * self.batch_size)
+        if self.trainer is not None and per_epoch:  # each epoch continues from the batch after the last one trained
+
+            def position() -> tuple[int, int]:
+                epoch, batch = divmod(self._batches_done(), per_epoch)
+                return epoch, batch * self.batch_size
+
+            sampler.position = position
         return sampler
 
     def _stream_epoch(self) -> None:

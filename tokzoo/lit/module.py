@@ -97,16 +97,21 @@ class TokenizerModule(L.LightningModule):
                     part.compile()
         self.class_names: list[str] | None = None
         self.prompt_templates: list[str] = ["a photo of a {}."]
+        self.attribute_tasks: dict[str, Any] = {}  # name -> data.common.AttributeTask (batch["attributes"] order)
+        self.chance: dict[str, float] = {}  # accuracy metric -> its chance level (1 / classes), tagged on the run
         self.grid_path: Path | None = None  # where validation writes originals vs reconstructions
         self._val: dict[str, list[Tensor]] = {}
         self._val_images = 0  # images this rank scored in the current validation epoch
         self.skipped_samples = 0  # unreadable train samples replaced so far, all ranks (train/skipped_samples)
+        self._rng_after_step: dict[str, Any] | None = None  # torch's RNG after the last step (saved in checkpoints)
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "class_names", None):
             self.class_names = list(datamodule.class_names)
             self.prompt_templates = list(datamodule.prompt_templates or self.prompt_templates)
+            self.attribute_tasks = getattr(datamodule, "attribute_tasks", None) or {}
 
     # ---- training --------------------------------------------------------------------------------------------
     def loss_terms(self, batch: dict[str, Any], step: int) -> tuple[TokenizerOutput, dict[str, Tensor]]:
@@ -156,9 +161,26 @@ class TokenizerModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokzoo_skipped_samples"] = self.skipped_samples
+        # torch's RNG as the last training step left it (before validation and loader start-up drew from it): a
+        # resumed or budget-continued run then takes the same draws (dead-code restarts, dropout) as an unbroken one
+        if self._rng_after_step is not None:
+            checkpoint["tokzoo_rng"] = self._rng_after_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_samples = int(checkpoint.get("tokzoo_skipped_samples", 0))
+        self._rng_to_restore = checkpoint.get("tokzoo_rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # the first step after a restore
+            torch.set_rng_state(self._rng_to_restore["cpu"])
+            if "cuda" in self._rng_to_restore and len(self._rng_to_restore["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_after_step = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._rng_after_step["cuda"] = torch.cuda.get_rng_state_all()
 
     def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         """Stop before a NaN/Inf loss reaches the weights (and the next checkpoint); all ranks decide together."""
@@ -175,7 +197,7 @@ class TokenizerModule(L.LightningModule):
 
     # ---- validation ------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val = {"image_emb": [], "text_emb": [], "caption_ids": [], "codes": [], "labels": []}
+        self._val = {"image_emb": [], "text_emb": [], "caption_ids": [], "codes": [], "labels": [], "attributes": []}
         self._val_images = 0
         if self.fidelity is not None:
             self.fidelity.reset()
@@ -202,6 +224,8 @@ class TokenizerModule(L.LightningModule):
             self.tokens.update(out.quant.indices, batch["label"], self._noisy_codes(images, batch_idx))
         self._val["codes"].append(out.pooled_codes.float())
         self._val["labels"].append(batch["label"])
+        if self.attribute_tasks and "attributes" in batch:
+            self._val["attributes"].append(batch["attributes"])
         if out.image_emb is not None:
             self._val["image_emb"].append(out.image_emb.float())
             if self.config["eval"]["retrieval"]:
@@ -226,11 +250,7 @@ class TokenizerModule(L.LightningModule):
             )
         labels = gathered["labels"]
         if labels is not None and bool((labels >= 0).all()) and labels.numel() >= 4:
-            cfg = self.config["eval"]
-            if cfg["linear_probe"]:
-                metrics["linprobe_acc"] = self._linear_probe(gathered["codes"], labels)
-            if cfg["zero_shot"] and gathered["image_emb"] is not None and self.class_names:
-                metrics["zeroshot_acc"] = zero_shot_accuracy(gathered["image_emb"], labels, self._class_embeddings())
+            metrics.update(self._classification(gathered, labels))
         else:
             for key in ("linprobe_acc", "zeroshot_acc"):
                 self.absent.setdefault(f"val/{key}", "the validation data has no class labels")
@@ -250,6 +270,41 @@ class TokenizerModule(L.LightningModule):
         noisy = noise_at_psnr(images[:room], cfg["stability_psnr_db"], g)
         return self.model.encode(noisy).indices
 
+    def _classification(self, gathered: dict[str, Tensor | None], labels: Tensor) -> dict[str, float]:
+        """Zero-shot and linear-probe accuracy on the class label (the headline) and on each attribute task, with
+        their mean over tasks (<metric>/mean) when there are attribute tasks."""
+        cfg, out = self.config["eval"], {}
+        tasks = [("", labels, self.class_names, None)]
+        attributes = gathered["attributes"]
+        if attributes is not None and self.attribute_tasks:
+            tasks += [
+                (f"/{n}", attributes[:, j], t.names, t.prompts) for j, (n, t) in enumerate(self.attribute_tasks.items())
+            ]
+        for metric, enabled in (("linprobe_acc", cfg["linear_probe"]), ("zeroshot_acc", cfg["zero_shot"])):
+            zero_shot = metric == "zeroshot_acc"
+            if not enabled or (zero_shot and (gathered["image_emb"] is None or not self.class_names)):
+                continue
+            scores, chances = [], []
+            for suffix, y, names, prompts in tasks:
+                if zero_shot:
+                    text = self._class_embeddings() if prompts is None else self._prompt_embeddings(prompts)
+                    value = zero_shot_accuracy(gathered["image_emb"], y, text)
+                else:
+                    value = self._linear_probe(gathered["codes"], y)
+                out[metric + suffix] = value
+                scores.append(value)
+                chances.append(1.0 / len(names) if names else float("nan"))
+                self.chance[f"val/{metric}{suffix}"] = chances[-1]
+            if len(tasks) > 1:
+                out[f"{metric}/mean"] = sum(scores) / len(scores)
+                self.chance[f"val/{metric}/mean"] = sum(chances) / len(chances)
+        return out
+
+    def _prompt_embeddings(self, prompts: list[list[str]]) -> Tensor:
+        """Per value, the l2-normalised mean text embedding of its prompts -> (values, embed_dim)."""
+        per_value = [torch.nn.functional.normalize(self.model.encode_text(p).mean(0), dim=-1) for p in prompts]
+        return torch.stack(per_value)
+
     def _linear_probe(self, feats: Tensor, labels: Tensor) -> float:
         """Fit on even-indexed validation samples, test on odd ones (deterministic split of the val set)."""
         train, test = slice(0, None, 2), slice(1, None, 2)
@@ -257,11 +312,7 @@ class TokenizerModule(L.LightningModule):
 
     def _class_embeddings(self) -> Tensor:
         """Mean text embedding over prompt templates for each class name -> (K, embed_dim), l2-normalised."""
-        per_class = []
-        for name in self.class_names:
-            emb = self.model.encode_text([t.format(name) for t in self.prompt_templates])
-            per_class.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
-        return torch.stack(per_class)
+        return self._prompt_embeddings([[t.format(name) for t in self.prompt_templates] for name in self.class_names])
 
     def _save_grid(self, images: Tensor, recon: Tensor) -> None:
         from torchvision.utils import save_image

@@ -267,8 +267,11 @@ _PATTERNS = [(_compile(m.name), m) for m in _ENTRIES if is_pattern(m.name)]
 # Headline validation metrics, in the order tables and plots show them.
 HEADLINE = tuple(m.name for m in _ENTRIES if m.headline)
 # The columns of `tokzoo compare`: the headline, the raw weights' headline (EMA runs only), then diagnostics.
+ATTRIBUTE_COLUMNS = ("color", "size", "position", "background", "mean")  # the embedded dataset's, where logged
 TABLE = (
-    *HEADLINE, *RAW_HEADLINE, "val/dead_codes", "val/code_mi_bits", "val/code_class_nmi", "val/code_stability",
+    *HEADLINE, *RAW_HEADLINE,
+    *(f"val/{m}_acc/{a}" for m in ("zeroshot", "linprobe") for a in ATTRIBUTE_COLUMNS),
+    "val/dead_codes", "val/code_mi_bits", "val/code_class_nmi", "val/code_stability",
     "val/gen_bits_per_token", "val/gen_ref_acc", "val/gfid", "train/grad_cos_recon_contra", "perf/images_per_sec",
     "perf/wall_seconds", "perf/gen_seconds",
 )  # fmt: skip
@@ -317,5 +320,12 @@ def label(name: str) -> str:
 
 
 def header(name: str) -> str:
+    """The entry's header; for a pattern entry with the name's own last part ("usage (codebook 2)", "zero-shot
+    acc (color)")."""
     entry = lookup(name)
-    return entry.header if entry else name
+    if entry is None:
+        return name
+    if not is_pattern(entry.name):
+        return entry.header
+    part = name.rsplit("/", 1)[1]
+    return entry.header.replace("(codebook k)", f"(codebook {part})").replace("(attribute)", f"({part})")

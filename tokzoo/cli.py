@@ -135,7 +135,9 @@ def cmd_probe_gen(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tokzoo.analysis.compare import compare
 
-    return compare(args.experiment, uri=args.tracking_uri, fmt=args.format, plot_dir=args.plot, console=console)
+    return compare(
+        args.experiment, uri=args.tracking_uri, fmt=args.format, plot_dir=args.plot, console=console, by=args.by
+    )
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -204,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
     compare.add_argument("--format", choices=("table", "md", "csv"), default="table", help="output format")
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    compare.add_argument(
+        "--by",
+        choices=("variant", "budget"),
+        default="variant",
+        help="budget: also each metric against training steps per variant, and the pairs whose order flips",
+    )
     compare.set_defaults(func=cmd_compare)
     probe = sub.add_parser("probe-gen", help="the generation probe on an experiment's finished runs (same MLflow runs)")
     probe.add_argument("experiment", help="MLflow experiment name (the ablation's name)")

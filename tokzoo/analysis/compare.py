@@ -14,13 +14,16 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from tokzoo.analysis import budgets
 from tokzoo.analysis.figures import write_plots
+from tokzoo.analysis.plots import save_figure
 from tokzoo.analysis.runs import ExperimentRuns, load_experiment
 from tokzoo.analysis.stats import format_mean_ci
 from tokzoo.analysis.summary import COLUMNS, Column, VariantSummary, shown_columns, summarize
 from tokzoo.errors import TokzooError
 
 FORMATS = ("table", "md", "csv")
+GROUPINGS = ("variant", "budget")
 
 
 def _bits(value: float | None) -> str:
@@ -128,12 +131,17 @@ def compare(
     fmt: str = "table",
     plot_dir: str | Path | None = None,
     console: Console | None = None,
+    by: str = "variant",
 ) -> int:
-    """The `tokzoo compare` command: print the table in `fmt`, write plots when plot_dir is given."""
+    """The `tokzoo compare` command: print the table in `fmt`, write plots when plot_dir is given. by="budget":
+    also each metric across budgets per variant and the pairs whose order flips (tokzoo.analysis.budgets)."""
     if fmt not in FORMATS:
         raise TokzooError(f"--format {fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+    if by not in GROUPINGS:
+        raise TokzooError(f"--by {by!r} is unknown; allowed: {', '.join(GROUPINGS)}")
     runs = load_experiment(experiment, uri)
     summaries = summarize(runs)
+    families = budgets.by_budget(summaries) if by == "budget" else None
     columns = shown_columns(summaries)
     console = console or Console()
     # Markdown and CSV go to stdout untouched (pipe them into files); anything else goes to stderr then.
@@ -148,8 +156,20 @@ def compare(
         sys.stdout.write(markdown(runs, summaries, columns))
     else:
         sys.stdout.write(csv_text(summaries, columns))
+    if families is not None:
+        lines = budgets.report(families)
+        if fmt == "table":
+            console.print("\n".join(lines), highlight=False, soft_wrap=True)
+        elif fmt == "md":
+            sys.stdout.write("\n" + "".join(f"- {line}\n" for line in lines))
+        else:
+            info.print("\n".join(lines), highlight=False)  # the CSV stays one table
     sys.stdout.flush()
     if plot_dir is not None:
-        for path in write_plots(runs, summaries, plot_dir):
+        written = write_plots(runs, summaries, plot_dir)
+        if families is not None:
+            fig = budgets.plot_budgets(families, title=f"{experiment}: metrics by budget")
+            written.append(save_figure(fig, Path(plot_dir) / "budgets.png"))
+        for path in written:
             info.print(f"wrote {path}", highlight=False)
     return 0

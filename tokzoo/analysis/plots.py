@@ -58,8 +58,26 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
-def _err(s: Summary | None) -> float:
-    return 0.0 if s is None or not math.isfinite(s.ci) else s.ci
+def _err(s: Summary | None) -> float | None:
+    """The error bar: the CI half-width, or none at all for one seed (a zero-width bar would claim certainty)."""
+    return None if s is None or s.n < 2 or not math.isfinite(s.ci) else s.ci
+
+
+def chance_level(summaries: Sequence[VariantSummary], key: str) -> float | None:
+    """The chance level the runs tagged for an accuracy metric (chance.<metric>: 1 / classes), plot-scaled; None
+    when untagged (older runs, metrics without one) or when the runs disagree (different datasets)."""
+    metric = key.removesuffix(MEAN)
+    levels = {r.tags[f"chance.{metric}"] for s in summaries for r in s.runs if f"chance.{metric}" in r.tags}
+    if len(levels) != 1:
+        return None
+    entry = catalogue.lookup(metric)
+    return float(levels.pop()) * (entry.scale if entry else 1.0)
+
+
+def draw_chance(ax: Axes, summaries: Sequence[VariantSummary], key: str, color: object = "0.3") -> None:
+    level = chance_level(summaries, key)
+    if level is not None:
+        ax.axhline(level, color=color, linestyle=":", linewidth=1.3, label=f"chance ({short_label(key)})")
 
 
 def _grouped_bar(ax: Axes, x: float, st: Summary, width: float, color: object, label: str | None) -> None:
@@ -69,7 +87,10 @@ def _grouped_bar(ax: Axes, x: float, st: Summary, width: float, color: object, l
 
 def _seeds_note(summaries: Sequence[VariantSummary]) -> str:
     counts = sorted({len(s.runs) for s in summaries})
-    return f"mean ± 95% CI over {'/'.join(map(str, counts))} seed(s)"
+    if counts == [1]:
+        return "1 seed: single runs, no confidence interval"
+    note = f"mean ± 95% CI over {'/'.join(map(str, counts))} seeds"
+    return note + ("; no interval where 1 seed" if 1 in counts else "") + "; dotted: chance"
 
 
 def _missing(ax: Axes, x: float, text: str = "n/a") -> None:
@@ -94,6 +115,7 @@ def bars_per_variant(ax: Axes, summaries: Sequence[VariantSummary], key: str) ->
             _missing(ax, i)
             continue
         ax.bar(i, st.mean, yerr=_err(st), capsize=4, color=colors[i], edgecolor="black", linewidth=0.5)
+    draw_chance(ax, summaries, key)
     ax.set_xticks(x, [s.variant for s in summaries], rotation=30, ha="right")
     ax.set_xlim(-0.6, len(summaries) - 0.4)  # keep slots of variants without a value (their 'n/a') in view
     ax.set_ylabel(metric_label(key))
@@ -157,6 +179,7 @@ def plot_roadmap(
         base = scaled(summaries[0].stats.get(key), key) if summaries else None
         if base is not None:
             ax.axhline(base.mean, color=color, linestyle="--", linewidth=1, alpha=0.8)
+        draw_chance(ax, summaries, key, color=color)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
     ax.set_xticks(x, [s.variant for s in summaries], rotation=20, ha="right")
@@ -165,7 +188,7 @@ def plot_roadmap(
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.set_title(f"{_seeds_note(summaries)}; dashed: first stage", fontsize=9)
+    ax.set_title(f"{_seeds_note(summaries)}; dashed: first stage", fontsize=9)  # the note names the chance lines
     fig.suptitle(title or "roadmap: understanding per stage")
     return fig
 
@@ -206,6 +229,7 @@ def plot_loss_conflict(
                         _missing(ax, i + offset)
                     continue
                 _grouped_bar(ax, i + offset, st, width, colors[j], cap)
+        draw_chance(ax, summaries, key)
         ax.set_xticks(np.arange(len(order)), order)
         ax.set_xlim(-0.6, len(order) - 0.4)
         ax.set_xlabel("supervision")
@@ -312,10 +336,14 @@ def plot_codebook_count(
                     xs.append(s.bits_per_token)
                     ys.append(st.mean)
                     es.append(_err(st))
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, color=color, label=short_label(key))
-            for s, x, y in zip([s for s in pts if scaled(s.stats.get(key), key) is not None], xs, ys):
-                ax.annotate(s.codebook_shape, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
-        ax.set_xticks(sorted({s.bits_per_token for s in pts}))
+            ax.errorbar(
+                xs, ys, yerr=None if None in es else es, marker="o", capsize=4, color=color, label=short_label(key)
+            )
+            draw_chance(ax, summaries, key, color=color)
+        # the codebook shapes label the x axis, one per tick: labels beside points overlapped at close values
+        ticks = sorted({s.bits_per_token for s in pts})
+        names = {b: " / ".join(dict.fromkeys(s.codebook_shape for s in pts if s.bits_per_token == b)) for b in ticks}
+        ax.set_xticks(ticks, [f"{b:g}\n{names[b]}" for b in ticks], fontsize=8)
         ax.set_xlabel("log2 vocabulary (bits per token)")
         ax.set_ylabel("accuracy (%)" if len(keys) > 1 else metric_label(keys[0]))
         ax.set_title(" / ".join(short_label(k) for k in keys), fontsize=10)

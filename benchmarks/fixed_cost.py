@@ -139,7 +139,12 @@ def child(args: list[str]) -> None:
                  "search_experiments"):  # fmt: skip
         timed(MlflowClient, name, "MLflow (overlaps)")
 
+    own_start = getattr(module.TokenizerModule, "on_train_batch_start", None)
+    own_end = getattr(module.TokenizerModule, "on_train_batch_end", None)
+
     def batch_start(self, batch, batch_idx):
+        if own_start is not None:  # the module's own hook (torch's RNG after a restore), timed as a step
+            own_start(self, batch, batch_idx)
         now = time.perf_counter()
         if "end" in marks:
             seconds["between steps"] = seconds.get("between steps", 0.0) + now - marks["end"]
@@ -148,12 +153,15 @@ def child(args: list[str]) -> None:
     def batch_end(self, outputs, batch, batch_idx):
         marks["end"] = time.perf_counter()
         seconds["steps"] = seconds.get("steps", 0.0) + marks["end"] - marks["start"]
+        if own_end is not None:
+            own_end(self, outputs, batch, batch_idx)
 
     module.TokenizerModule.on_train_batch_start = batch_start
     module.TokenizerModule.on_train_batch_end = batch_end
     code = cli.main(args)
     done = time.time()
     print("FIXED_COST " + json.dumps({"first": first, "done": done, "seconds": seconds, "code": code}), flush=True)
+    getattr(cli, "exit_now", sys.exit)(code)  # as the console script ends (a commit without exit_now: sys.exit)
 
 
 # ---------------------------------------------------------------- the parent: cases, repeats, table

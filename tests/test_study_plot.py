@@ -53,6 +53,10 @@ def test_study_points_and_figure(study_experiment):
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == 1 + 2  # objectives panel + each objective vs the one parameter
     assert "Pareto" in visible[0].get_legend().get_texts()[1].get_text()
+    # the front's labels, in x order, sit on alternate sides of their points (close neighbours never share a side)
+    labels = sorted(visible[0].texts, key=lambda t: t.xy[0])
+    assert [t.get_text() for t in labels] == ["#1", "#3"] or [t.get_text() for t in labels] == ["#3", "#1"]
+    assert [t.get_position()[1] > 0 for t in labels] == [True, False]
 
 
 def test_experiment_without_study_has_no_study_points(tmp_path):

@@ -52,7 +52,13 @@ class Flip:
 
     def describe(self) -> str:
         parts = [f"{b}: {gap:+.3g}{' (clear)' if apart else ''}" for b, (gap, apart) in sorted(self.gaps.items())]
-        return f"{catalogue.header(self.metric)}: {self.first} - {self.second} = " + ", ".join(parts)
+        noise = "" if self.clear else " - inside the 95% intervals at every budget"
+        return f"{catalogue.header(self.metric)}: {self.first} - {self.second} = " + ", ".join(parts) + noise
+
+    @property
+    def clear(self) -> bool:
+        """The intervals are apart at one budget at least (a flip that is noise at every budget is not)."""
+        return any(apart for _, apart in self.gaps.values())
 
 
 def _apart(a: Summary, b: Summary) -> bool:
@@ -115,6 +121,8 @@ def plot_budgets(families: Families, metrics: Sequence[str] = BUDGET_METRICS, ti
     fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows), layout="constrained")
     everything = [s for b in families.values() for s in b.values()]
     colors = dict(zip(families, plots._colors(len(families))))
+    # each variant's points a little apart along the (log) x axis, so that error bars at one budget do not overlap
+    dodge = {f: 2 ** (0.04 * (j - (len(families) - 1) / 2)) for j, f in enumerate(families)}
     for i, key in enumerate(keys):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for family, budgets in families.items():
@@ -124,7 +132,7 @@ def plot_budgets(families: Families, metrics: Sequence[str] = BUDGET_METRICS, ti
                 continue
             errs = [plots._err(st) for _, st in points]
             ax.errorbar(
-                [b for b, _ in points],
+                [b * dodge[family] for b, _ in points],
                 [st.mean for _, st in points],
                 yerr=None if None in errs else errs,
                 marker="o",

@@ -77,9 +77,14 @@ def plot_study(objectives: list[dict], points: list[TrialPoint], title: str) -> 
         ax.scatter(values[~front, 0], values[~front, 1], color="0.6", label="dominated")
         order = np.argsort(values[front, 0])
         ax.plot(values[front, 0][order], values[front, 1][order], "o-", color="C3", label="Pareto front")
-        for p, v, on in zip(points, values, front):
-            if on:
-                ax.annotate(f"#{p.number}", v[:2], textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # neighbours along the front get their labels on alternate sides, so that close points' labels do not overlap
+        on_front = sorted((v[0], v[1], p.number) for p, v, on in zip(points, values, front) if on)
+        for k, (x0, y0, number) in enumerate(on_front):
+            above = k % 2 == 0
+            ax.annotate(
+                f"#{number}", (x0, y0), textcoords="offset points", xytext=(4, 4) if above else (-4, -10),
+                ha="left" if above else "right", fontsize=8,
+            )  # fmt: skip
         ax.set_xlabel(f"{objectives[0]['metric']} ({directions[0]})")
         ax.set_ylabel(f"{objectives[1]['metric']} ({directions[1]})")
         ax.set_title("objectives (completed trials)")

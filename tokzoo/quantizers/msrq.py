@@ -97,6 +97,7 @@ class MultiScaleResidualQuantizer(Quantizer):
         # Raw codes (normalize only changes the search, see the module docstring), learned by the codebook loss.
         self.codebook = CodebookSet(1, codebook_size, dim, normalize=False, stats_window=stats_window)
         self.phi = nn.Conv2d(dim, dim, kernel_size=3, padding=1) if phi_ratio > 0 else None
+        self._upsamplers: dict[tuple, Tensor] = {}  # scale, device, dtype -> bicubic upsampling matrix
 
     @property
     def bits_per_image(self) -> float:
@@ -121,11 +122,25 @@ class MultiScaleResidualQuantizer(Quantizer):
             f"({self.num_tokens} tokens), but the input has N={n} tokens; {fix}"
         )
 
+    def _upsampler(self, s: int, like: Tensor) -> Tensor:
+        """The bicubic s x s -> h x h upsampling as an (s^2, h^2) matrix: F.interpolate of each basis image. The
+        resize is linear, so grid @ this matrix is the same resize (up to float summation order), and its backward is
+        one small matmul instead of the bicubic kernel's scatter (measured: the upsampling's backward was 8% of a
+        step). Built once per scale, device and dtype."""
+        key = (s, like.device, like.dtype)
+        if key not in self._upsamplers:
+            basis = torch.eye(s * s, device=like.device, dtype=like.dtype).view(s * s, 1, s, s)
+            up = F.interpolate(basis, size=(self.side, self.side), mode="bicubic", align_corners=False)
+            self._upsamplers[key] = up.view(s * s, self.side * self.side)
+        return self._upsamplers[key]
+
     def _expand(self, e: Tensor, b: int, s: int) -> Tensor:
         """One scale's looked-up codes e (B*s*s, 1, dim) -> its contribution z_l (B, dim, h, h)."""
-        grid = rearrange(e, "(b h w) 1 c -> b c h w", b=b, h=s, w=s)
         if s < self.side:
-            grid = F.interpolate(grid, size=(self.side, self.side), mode="bicubic", align_corners=False)
+            cells = rearrange(e, "(b p) 1 c -> b c p", b=b, p=s * s)
+            grid = (cells @ self._upsampler(s, e)).view(b, self.dim, self.side, self.side)
+        else:
+            grid = rearrange(e, "(b h w) 1 c -> b c h w", b=b, h=s, w=s)
         if self.phi is not None:
             grid = (1 - self.phi_ratio) * grid + self.phi_ratio * self.phi(grid)
         return grid

@@ -238,7 +238,8 @@ def plot_loss_conflict(
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
+            if not label.startswith("chance"):  # the title says what the dotted lines are
+                legend.setdefault(label, handle)
     if legend:
         fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=8, title="capacity")
     fig.suptitle(f"{title or 'loss conflict: supervision x capacity'} ({_seeds_note(summaries)})")

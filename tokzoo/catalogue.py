@@ -268,6 +268,7 @@ _PATTERNS = [(_compile(m.name), m) for m in _ENTRIES if is_pattern(m.name)]
 HEADLINE = tuple(m.name for m in _ENTRIES if m.headline)
 # The columns of `tokzoo compare`: the headline, the raw weights' headline (EMA runs only), then diagnostics.
 ATTRIBUTE_COLUMNS = ("color", "size", "position", "background", "mean")  # the embedded dataset's, where logged
+ATTRIBUTE_MEANS = ("val/zeroshot_acc/mean", "val/linprobe_acc/mean")
 TABLE = (
     *HEADLINE, *RAW_HEADLINE,
     *(f"val/{m}_acc/{a}" for m in ("zeroshot", "linprobe") for a in ATTRIBUTE_COLUMNS),

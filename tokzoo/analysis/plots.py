@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from tokzoo.analysis.summary import VariantSummary
 
 Series = list[tuple[int, float]]
-UNDERSTANDING = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc")
+UNDERSTANDING = ("val/zeroshot_acc", "val/retrieval_r1", "val/linprobe_acc", *catalogue.ATTRIBUTE_MEANS)
 FIDELITY = ("val/psnr", "val/rfid")
 GRID_METRICS = (*HEADLINE, "train/grad_cos_recon_contra:mean_over_steps")
 SUPERVISION_ORDER = ("recon", "contra", "both")

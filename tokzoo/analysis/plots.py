@@ -347,10 +347,10 @@ def plot_codebook_count(
         ax.set_xticks(ticks, [f"{b:g}\n{names[b]}" for b in ticks], fontsize=8)
         ax.set_xlabel("log2 vocabulary (bits per token)")
         ax.set_ylabel("accuracy (%)" if len(keys) > 1 else metric_label(keys[0]))
-        ax.set_title(" / ".join(short_label(k) for k in keys), fontsize=10)
+        ax.set_title("understanding" if len(keys) > 1 else short_label(keys[0]), fontsize=10)
         ax.grid(alpha=0.3)
         if len(keys) > 1:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over the points
     fig.suptitle(f"{title or 'codebook count'} ({_seeds_note(summaries)})")
     return fig
 

@@ -149,7 +149,9 @@ def test_train_loader_draws_do_not_depend_on_workers_and_survive_a_resume(folder
         out = []
         for epoch in range(global_step // 3, 3):
             loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
-            out += [b["image"] for b in loader]
+            for b in loader:
+                out.append(b["image"])
+                dm.trainer.global_step += 1  # one optimizer step per batch: the sampler reads its position from it
         return out
 
     uninterrupted = batches(0, 0)

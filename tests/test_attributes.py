@@ -92,3 +92,12 @@ def test_prompt_ensembles_score_an_attribute_that_the_text_side_encodes():
     assert zero_shot_accuracy(images, torch.from_numpy(rows[:, 1]), text) == 1.0
     shuffled = torch.from_numpy(np.random.default_rng(0).permutation(rows[:, 1]))
     assert zero_shot_accuracy(images, shuffled, text) < 0.4
+
+
+def test_every_comparison_column_has_its_own_header():
+    """The attribute columns are one catalogue pattern; each must still name its attribute in the table."""
+    from tokzoo.analysis.summary import COLUMNS
+
+    labels = [c.label for c in COLUMNS]
+    assert len(set(labels)) == len(labels)
+    assert "zero-shot acc (color)" in labels and "lin. probe acc (mean)" in labels

@@ -300,6 +300,11 @@ def test_grid_with_two_workers_runs_exactly_the_grid(tmp_path: Path) -> None:
     spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two trials ran at once"
     assert "tokzoo sweep: grid2" in proc.stdout
+    # the warm launcher: every trial a fork of the pre-imported process, each with its share of the cores
+    audits = [json.loads((Path(t.user_attrs["folder"]) / "rank0.json").read_text()) for t in trials]
+    assert all(a["forked"] for a in audits) and len({a["pid"] for a in audits}) == 4
+    assert {a["threads"] for a in audits} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert proc.stdout.count("(forked from the warm process)") == 4
 
     from mlflow.tracking import MlflowClient
 
@@ -321,11 +326,12 @@ def test_failing_trial_is_recorded_and_the_study_goes_on_sqlite(tmp_path: Path) 
     space = {"model.encoder.name": {"type": "categorical", "choices": ["vit_tiny", "no_such_encoder"]}}
     path = sweep_file(tmp_path, name="fails", space=space, pruner={"type": "median", "n_startup_trials": 5})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = sweep([str(path), "--storage", storage, "trainer.val_check_interval=1"], cwd=tmp_path)
+    proc = sweep([str(path), "--storage", storage, "trainer.val_check_interval=1", "--launcher", "fresh"], cwd=tmp_path)
     trials = {t.params["model.encoder.name"]: t for t in open_study(storage, "fails").get_trials()}
     bad, good = trials["no_such_encoder"], trials["vit_tiny"]
     assert bad.state == TrialState.FAIL and "no_such_encoder" in bad.user_attrs["fail_reason"]
     assert good.state == TrialState.COMPLETE and good.values[0] > 0
+    assert not json.loads((Path(good.user_attrs["folder"]) / "rank0.json").read_text())["forked"]  # --launcher fresh
     assert sorted(good.intermediate_values) == [1, 2]  # reported to the pruner after each validation
     assert "FAIL" in proc.stdout
 
@@ -400,4 +406,5 @@ def test_ddp_trial_has_the_same_parameters_on_both_ranks(tmp_path: Path) -> None
     assert trial.state == TrialState.COMPLETE
     folder = Path(trial.user_attrs["folder"])
     ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] and ranks[0]["params"] == trial.params
+    assert ranks[0]["params"] == ranks[1]["params"] == trial.params and ranks[0]["hash"] == ranks[1]["hash"]
+    assert not ranks[0]["forked"] and not ranks[1]["forked"]  # a DDP trial is a fresh process, re-executed per rank

@@ -6,8 +6,6 @@ Exit codes: 0 success; 2 bad config or input (one readable message, no traceback
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import signal
 import sys
 import traceback
@@ -17,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tokzoo.errors import TokzooError
+from tokzoo.exiting import exit_now
 
 # Tables keep their columns when stdout is a file or a pipe (CI logs, `| tee`), instead of rich's 80 columns.
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
@@ -104,6 +103,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         storage=args.storage,
         n_trials=args.n_trials,
         log=console.print,
+        launcher=args.launcher,
     )
     console.print(sweep_table(outcome))
     if not best_trials(outcome.study):
@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage", help="Optuna storage: a journal file path or an RDB URL (overrides the file)")
     sweep.add_argument("--n-trials", type=int, help="total trial budget of the study (overrides the file)")
     sweep.add_argument("--verbose", action="store_true", help="also show the libraries' logs, here and in trials")
+    sweep.add_argument(
+        "--launcher", choices=("warm", "fresh"), default="warm",
+        help="warm (default): CPU trials are forks of one process that imported torch/Lightning/MLflow once; "
+        "fresh: every trial a new interpreter (GPU and DDP trials always are)",
+    )  # fmt: skip
     sweep.set_defaults(func=cmd_sweep)
     compare = sub.add_parser("compare", help="table (mean ± 95%% CI over seeds) and plots of an experiment's runs")
     compare.add_argument("experiment", help="MLflow experiment name (the ablation's name)")
@@ -246,24 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-
-
-def exit_now(code: int) -> None:
-    """End the process the way the interpreter would, minus its teardown of every module: waits for non-daemon
-    threads, runs the atexit hooks (multiprocessing's joins, logging's flush, MLflow's), flushes the streams, then
-    exits. With torch, Lightning and MLflow loaded (about 5,000 modules) the interpreter's own finalization cost
-    1-1.7 s per process on this 2-core machine (benchmarks/fixed_cost.py, "teardown"), for each variant and trial."""
-    import atexit
-    import threading
-
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # noqa: SLF001 - the hooks Py_Finalize would run; os._exit skips them otherwise
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
 
 
 def run() -> None:

@@ -23,7 +23,7 @@ def column(metric: str) -> Column:
     """The table column of a catalogue metric: a per-run mean for metrics logged over steps, else the last value."""
     entry = catalogue.metric(metric)
     key = f"{metric}:mean_over_steps" if entry.reduce == "mean" else metric
-    return Column(key, entry.header, metric, entry.reduce)
+    return Column(key, catalogue.header(metric), metric, entry.reduce)
 
 
 COLUMNS = tuple(column(m) for m in catalogue.TABLE)

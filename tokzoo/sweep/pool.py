@@ -56,6 +56,9 @@ from tokzoo.sweep.optuna_side import (
 )
 from tokzoo.sweep.report import SweepOutcome, best_trials
 from tokzoo.sweep.spec import SweepSpec, load_sweep, resolve_objectives
+from tokzoo.sweep.warm import WarmLauncher, WarmTrial, starts_warm
+
+LAUNCHERS = ("warm", "fresh")
 
 PARENT_SETTLE_S = 2.0  # longer than creating an MLflow run takes
 
@@ -90,7 +93,9 @@ def parent_run(uri: str, experiment: str, spec: SweepSpec, study: optuna.Study) 
 
 
 class Sweep:
-    def __init__(self, spec: SweepSpec, workers: int, log: Callable[[str], None]):
+    def __init__(self, spec: SweepSpec, workers: int, log: Callable[[str], None], launcher: str = "warm"):
+        if launcher not in LAUNCHERS:
+            raise ConfigError(f"unknown trial launcher '{launcher}'; choose one of {', '.join(LAUNCHERS)}")
         self.spec, self.workers, self.log = spec, max(1, workers), log
         self.uri = tracking.tracking_uri(spec.base["tracking"]["uri"])
         tracking.check_tracking(self.uri)
@@ -110,6 +115,12 @@ class Sweep:
         self.running: dict[int, Running] = {}
         self.heartbeat = Heartbeat(self.study._storage, spec.heartbeat_interval, log)
         self.root = Path(spec.base["output_dir"]).resolve() / spec.name / "trials"
+        # warm: CPU trials are forks of one pre-imported process (sweep/warm.py); started now when the trials
+        # will be CPU ones, so that its imports overlap the study's set-up, else at the first such trial
+        self.launcher = launcher
+        self.warm: WarmLauncher | None = None
+        if launcher == "warm" and not uses_gpus(self.base_config) and starts_warm(self.base_config, []):
+            self.warm = WarmLauncher()
 
     def _open_study(self) -> optuna.Study:
         spec = self.spec
@@ -200,11 +211,16 @@ class Sweep:
         env, gpus = trial_env(config, self.free_gpus, self.workers)
         if gpus:
             self.free_gpus = [g for g in self.free_gpus or [] if g not in gpus]
-        proc = launch(folder, env)
+        if self.launcher == "warm" and starts_warm(config, gpus):
+            self.warm = self.warm or WarmLauncher()
+            proc: Any = self.warm.launch(folder, env, threads=int(env["OMP_NUM_THREADS"]))
+        else:
+            proc = launch(folder, env)
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed meanwhile: _collect copes
             storage.set_trial_user_attr(trial._trial_id, "folder", str(folder))
         self.running[trial.number] = Running(trial, params, folder, proc, gpus, time.time())
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else "CPU"
+        where += " (forked from the warm process)" if isinstance(proc, WarmTrial) else ""
         self.log(f"trial {trial.number} started on {where}: {_fmt_params(params)}")
 
     def _record(self, trial: optuna.Trial, state: TrialState, values: list[float] | None, attrs: dict) -> None:
@@ -270,14 +286,12 @@ class Sweep:
     def stop_all(self, reason: str) -> None:
         """Interrupted: stop the trial processes, fail their trials and re-queue them for the next run."""
         for run in self.running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(run.proc.pid, signal.SIGTERM)
+            _signal_trial(run.proc.pid, signal.SIGTERM)
         for run in self.running.values():
             try:
                 run.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(run.proc.pid, signal.SIGKILL)
+                _signal_trial(run.proc.pid, signal.SIGKILL)
                 run.proc.wait()
             self.heartbeat.discard(run.trial._trial_id)
             with contextlib.suppress(Exception):  # another process may have failed (and re-queued) it already
@@ -350,13 +364,24 @@ def run_sweep(
     storage: str | None = None,
     n_trials: int | None = None,
     log: Callable[[str], None] | None = None,
+    launcher: str = "warm",
 ) -> SweepOutcome:
     if log is None:
         from rich.console import Console
 
         log = Console().print
     spec = load_sweep(path, overrides, storage=storage, n_trials=n_trials)
-    return Sweep(spec, workers, log).run()
+    return Sweep(spec, workers, log, launcher).run()
+
+
+def _signal_trial(pid: int, sig: signal.Signals) -> None:
+    """Signal the trial's process group (it and its DataLoader workers); the process itself where its group does
+    not exist yet (a forked trial that has not reached its setsid)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _fmt_params(params: dict[str, Any]) -> str:

@@ -23,6 +23,11 @@ from tokzoo.sweep.launch import RESULT_FILE, die_with_the_sweep
 
 def run_trial(folder: str | Path) -> int:
     """Train one trial from its folder (every DDP rank runs this); rank 0 writes result.json."""
+    import multiprocessing
+    import os
+
+    import torch
+
     from tokzoo.config import Variant, config_hash
     from tokzoo.distributed import env_rank  # imports torch: only here, not in the sweep process
     from tokzoo.output import configure_output
@@ -33,8 +38,12 @@ def run_trial(folder: str | Path) -> int:
     folder = Path(folder)
     meta = json.loads((folder / "trial.json").read_text())
     config = resolve(yaml.safe_load((folder / "config.yaml").read_text()))
-    # what this rank trains, for audits (and the DDP test): the same file on every rank
-    (folder / f"rank{env_rank()}.json").write_text(json.dumps({"params": meta["params"], "hash": config_hash(config)}))
+    # what this rank trains and how it was started, for audits (and the tests): params and hash equal on every rank
+    audit = {
+        "params": meta["params"], "hash": config_hash(config), "pid": os.getpid(), "threads": torch.get_num_threads(),
+        "forked": multiprocessing.parent_process() is not None,  # from the warm process (sweep/warm.py)
+    }  # fmt: skip
+    (folder / f"rank{env_rank()}.json").write_text(json.dumps(audit))
     result: dict[str, Any] = {}
     try:
         variant = Variant(name=f"trial-{meta['number']:04d}", config=config, seed=config["seed"])

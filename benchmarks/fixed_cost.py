@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row:<22}{cells}" + (f"{ratio:>8.2f}" if ratio is not None else ""))
     if args.sweep:
         walls = {c: statistics.median(v) for c, v in sweeps.items()}
-        print("sweep, 8 trials x 20 steps, 2 workers (s): " + ", ".join(f"{c} {w:.1f}" for c, w in walls.items()))
+        ratio = f" (ratio {walls[cases[-1]] / walls[cases[0]]:.2f})" if len(cases) == 2 else ""
+        shown = ", ".join(f"{c} {w:.1f}" for c, w in walls.items())
+        print(f"sweep, 8 trials x 20 steps, 2 workers (s): {shown}{ratio}")
     print(f"{os.cpu_count()} CPUs | load average now {[round(x, 2) for x in os.getloadavg()]}")
     if args.json:
         args.json.write_text(json.dumps({"fits": fits, "sweeps": sweeps, "medians": med}, indent=1))

@@ -97,6 +97,13 @@ class Sweep:
         if launcher not in LAUNCHERS:
             raise ConfigError(f"unknown trial launcher '{launcher}'; choose one of {', '.join(LAUNCHERS)}")
         self.spec, self.workers, self.log = spec, max(1, workers), log
+        self.base_config = spec.trial_config({})  # the run config with no parameter applied
+        # warm: CPU trials are forks of one pre-imported process (sweep/warm.py). Started first when the trials will
+        # be CPU ones, so that its imports overlap the storages' and the parent run's set-up; else at such a trial.
+        self.launcher = launcher
+        self.warm: WarmLauncher | None = None
+        if launcher == "warm" and not uses_gpus(self.base_config) and starts_warm(self.base_config, []):
+            self.warm = WarmLauncher()
         self.uri = tracking.tracking_uri(spec.base["tracking"]["uri"])
         tracking.check_tracking(self.uri)
         self.experiment = spec.base["tracking"].get("experiment") or spec.name
@@ -104,7 +111,6 @@ class Sweep:
         self.requeue = Requeue(spec.retries)
         self.notes: list[str] = []
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.base_config = spec.trial_config({})  # the run config with no parameter applied
         # through the module, so that the trial side demonstrably opens storages the same way (tests patch it)
         self.storage = optuna_side.open_storage(spec.storage, spec.heartbeat_interval, spec.grace_period, spec.retries)
         self.study = self._open_study()
@@ -115,12 +121,6 @@ class Sweep:
         self.running: dict[int, Running] = {}
         self.heartbeat = Heartbeat(self.study._storage, spec.heartbeat_interval, log)
         self.root = Path(spec.base["output_dir"]).resolve() / spec.name / "trials"
-        # warm: CPU trials are forks of one pre-imported process (sweep/warm.py); started now when the trials
-        # will be CPU ones, so that its imports overlap the study's set-up, else at the first such trial
-        self.launcher = launcher
-        self.warm: WarmLauncher | None = None
-        if launcher == "warm" and not uses_gpus(self.base_config) and starts_warm(self.base_config, []):
-            self.warm = WarmLauncher()
 
     def _open_study(self) -> optuna.Study:
         spec = self.spec

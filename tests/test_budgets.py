@@ -37,6 +37,7 @@ def test_a_longer_budget_continues_the_shorter_run_exactly(tmp_path):
     # restarts (torch's RNG) at steps 4 and 8
     proc = run_tokzoo(["fit", str(path), "budgets=[5,11]", "seeds=[0]", *CONSTANT_LR], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dirpath has changed" not in proc.stderr  # Lightning's best-model bookkeeping, which tokzoo does not use
     fresh = run_tokzoo(
         ["fit", str(path), "trainer.max_steps=11", "tracking.experiment=fresh", *CONSTANT_LR], cwd=tmp_path
     )

@@ -235,6 +235,8 @@ def fit_variant(
             # Lightning warns that a mid-epoch resume replays the epoch from its start; ours does not: the train
             # sampler continues from the restored global_step (TokzooDataModule._train_sampler).
             warnings.filterwarnings("ignore", message=".*checkpoint that ended before the epoch ended.*")
+            # a longer budget continues a shorter one's checkpoint into its own folder; tokzoo keeps no "best" model
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteLossError as err:
         # Lightning already marked the run failed and saved the last good state; record why and move on.

@@ -41,7 +41,7 @@ def write_plots(experiment: ExperimentRuns, summaries: Sequence[VariantSummary],
     if study is not None and study[1]:
         save(plot_study(*study, title=f"study {name}"), "study.png")
     if any(k in s.stats for s in summaries for k in plots.UNDERSTANDING):
-        save(plots.plot_roadmap(summaries, title=f"{name}: understanding per stage"), "understanding.png")
+        save(plots.plot_roadmap(summaries, title=f"{name}: understanding per variant"), "understanding.png")
     if is_supervision_grid(summaries):
         save(plots.plot_loss_conflict(summaries, title=f"{name}: supervision x capacity"), "loss_conflict.png")
     cos = experiment.histories("train/grad_cos_recon_contra")

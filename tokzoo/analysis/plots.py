@@ -159,8 +159,8 @@ def plot_metric_grid(
 def plot_roadmap(
     summaries: Sequence[VariantSummary], metrics: Sequence[str] = UNDERSTANDING, title: str | None = None
 ) -> Figure:
-    """Understanding per stage (variants in ablation order), grouped bars per metric; dashed lines mark the first
-    stage (the baseline) so that drops and recoveries read at a glance."""
+    """Understanding per variant in ablation order (a roadmap's stages), grouped bars per metric; dashed lines mark
+    the first variant (the baseline) so that drops and recoveries read at a glance."""
     keys = [k for k in metrics if any(k in s.stats for s in summaries)] or list(metrics)
     fig = Figure(figsize=(max(6.0, 1.2 * len(summaries) + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -184,12 +184,12 @@ def plot_roadmap(
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
     ax.set_xticks(x, [s.variant for s in summaries], rotation=20, ha="right")
     ax.set_xlim(-0.6, len(summaries) - 0.4)
-    ax.set_xlabel("stage (each adds one change to the previous)")
+    ax.set_xlabel("variant, in ablation order (in a roadmap each stage adds one change)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.set_title(f"{_seeds_note(summaries)}; dashed: first stage", fontsize=9)  # the note names the chance lines
-    fig.suptitle(title or "roadmap: understanding per stage")
+    ax.set_title(f"{_seeds_note(summaries)}; dashed: the first variant", fontsize=9)  # the note names the chance lines
+    fig.suptitle(title or "understanding per variant")
     return fig
 
 

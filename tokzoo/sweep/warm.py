@@ -43,7 +43,8 @@ def starts_warm(config: dict[str, Any], gpus: list[str]) -> bool:
     """Whether a trial may be forked from the warm process: one process, no GPU."""
     from tokzoo.sweep.launch import trial_devices
 
-    return not gpus and trial_devices(config) == 1 and int(config["trainer"].get("num_nodes", 1)) == 1
+    single = trial_devices(config) == 1 and int(config["trainer"].get("num_nodes", 1)) == 1
+    return single and not gpus and hasattr(os, "pidfd_open")  # pidfd: Linux, how a forked trial dies with the sweep
 
 
 class WarmTrial:

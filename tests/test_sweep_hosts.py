@@ -234,6 +234,9 @@ QUICK_EVAL = [
     "eval.zero_shot=false", "eval.retrieval=false", "eval.lpips=false", "eval.rfid=false",
     "eval.token_diagnostics=false", "eval.stability_images=0", "loss.lpips_weight=0",
 ]  # fmt: skip
+# Trials must outlive the grace period plus the stale-check period side by side: warm trials (sweep/warm.py) of
+# 2 steps end in ~4 s, ~5 s sooner than fresh ones, so these train 60 steps (>= 5 s more on 2 cores).
+LONG_ENOUGH = "trainer.max_steps=60"
 
 
 def _unshare_reason() -> str | None:
@@ -266,7 +269,7 @@ def test_two_hosts_share_one_study(kind: str, tmp_path: Path) -> None:
     procs = {}
     for host in ("hostA", "hostB"):
         cmd = ["unshare", "-u", "sh", "-c", f'hostname {host} && exec "$@"', "sh"]
-        cmd += [*tokzoo_command(), "sweep", str(path), "--storage", url, "--workers", "1", *QUICK_EVAL]
+        cmd += [*tokzoo_command(), "sweep", str(path), "--storage", url, "--workers", "1", *QUICK_EVAL, LONG_ENOUGH]
         log = open(tmp_path / f"{host}.log", "w")  # noqa: SIM115 - closed below
         procs[host] = (subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     try:

@@ -123,13 +123,18 @@ def worker(rank: int, port: int, out_dir: str, steps: int) -> None:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=WORLD,
-        timeout=timedelta(seconds=30),  # ranks that diverge in control flow deadlock: fail fast,
+        timeout=timedelta(seconds=60),  # ranks that diverge in control flow deadlock: fail fast,
     )
     try:
         results = {name: run_case(rank, kind, kwargs, steps) for name, (kind, kwargs) in cases().items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may never reach it
+        raise
+    # Both ranks past their last collective before either tears gloo down (a teardown racing the peer's last
+    # transfer is the likely cause of a rank 0 SIGABRT seen once on a loaded CI machine).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -152,7 +152,12 @@ class CodebookSet(nn.Module):
     def lookup(self, indices: Tensor, codes: Tensor | None = None) -> Tensor:
         """indices (M, n) -> codes (M, n, c); differentiable w.r.t. the codebook."""
         codes = self.codes() if codes is None else codes
-        return codes[torch.arange(self.num_codebooks, device=indices.device), indices]
+        n, k, c = codes.shape
+        # index_select into the flattened books, not codes[arange, indices]: the backward of tensor indexing
+        # accumulates repeated indices in a thread-dependent order on CPU (not bitwise reproducible), while
+        # index_select's (index_add) adds them in order.
+        flat = (indices + torch.arange(n, device=indices.device) * k).reshape(-1)
+        return codes.reshape(n * k, c).index_select(0, flat).view(*indices.shape, c)
 
     # ---- training-time side effects ----------------------------------------------------------------------
     @torch.no_grad()
